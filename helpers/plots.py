@@ -1,0 +1,73 @@
+"""Figures for the book (matplotlib + seaborn): learning curves, comparisons, reward curves.
+
+Every function takes tidy DataFrames read from a run's stored results and returns the Figure,
+so a notebook can both show it and save it with :meth:`helpers.results.Recorder.save_figure`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+
+def learning_curves(histories: pd.DataFrame, metrics: Sequence[str] = ("train/loss", "val/loss", "val/auc"),
+                    hue: str = "model", col: str = "flag", x: str = "epoch") -> plt.Figure:
+    """One row per metric, one column per ``col`` value; mean over seeds with a ±1 sd band."""
+    cols = list(dict.fromkeys(histories[col])) if col in histories else [None]
+    metrics = [m for m in metrics if m in histories]
+    fig, axes = plt.subplots(len(metrics), len(cols), figsize=(4.2 * len(cols), 2.8 * len(metrics)),
+                             squeeze=False, sharex="col")
+    for j, c in enumerate(cols):
+        sub = histories if c is None else histories[histories[col] == c]
+        for i, m in enumerate(metrics):
+            ax = axes[i][j]
+            sns.lineplot(data=sub, x=x, y=m, hue=hue if hue in sub else None, errorbar="sd", ax=ax,
+                         legend=(i == 0 and j == len(cols) - 1))
+            ax.set_title(f"{c}" if i == 0 and c is not None else "")
+            ax.set_ylabel(m)
+    if axes[0][-1].get_legend() is not None:
+        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return fig
+
+
+def compare_with_published(ours: pd.DataFrame, published: pd.DataFrame, metric: str = "acc",
+                           flag: str = "flag") -> plt.Figure:
+    """Our per-seed test metric (points and mean ± sd) beside published single numbers (crosses).
+
+    ``ours`` has columns ``flag``, ``model`` and ``test/<metric>``; ``published`` has ``flag``,
+    ``method`` and ``<metric>``.
+    """
+    flags = list(dict.fromkeys(ours[flag]))
+    fig, axes = plt.subplots(1, len(flags), figsize=(4.2 * len(flags), 3.4), squeeze=False)
+    for ax, f in zip(axes[0], flags):
+        mine = ours[ours[flag] == f]
+        sns.pointplot(data=mine, x="model", y=f"test/{metric}", errorbar="sd", linestyle="none",
+                      capsize=0.2, ax=ax, color="C0")
+        sns.stripplot(data=mine, x="model", y=f"test/{metric}", ax=ax, color="C0", alpha=0.4, size=4)
+        pub = published[published[flag] == f]
+        for k, (_, row) in enumerate(pub.iterrows()):
+            ax.axhline(row[metric], color=f"C{k + 1}", lw=1, ls="--", label=row["method"])
+        ax.set_title(f)
+        ax.set_ylabel(f"test {metric.upper()}")
+        ax.set_xlabel("")
+    axes[0][-1].legend(title="published", fontsize=7, title_fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return fig
+
+
+def reward_curves(df: pd.DataFrame, x: str = "episode", y: str = "rl/reward", hue: str = "strategy",
+                  window: int = 10) -> plt.Figure:
+    """Reward per episode (faint) and its moving average, mean over seeds with a ±1 sd band."""
+    df = df.sort_values([hue, "seed", x]).copy()
+    df["moving_avg"] = df.groupby([hue, "seed"])[y].transform(lambda s: s.rolling(window, min_periods=1).mean())
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    sns.lineplot(data=df, x=x, y=y, hue=hue, errorbar=None, alpha=0.25, ax=ax, legend=False)
+    sns.lineplot(data=df, x=x, y="moving_avg", hue=hue, errorbar="sd", ax=ax)
+    ax.set_ylabel(f"{y} (moving average over {window})")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,45 @@
+"""Reinforcement-learning helpers: REINFORCE pieces, tiny policies, rule masking."""
+
+from .masking import Rule, allowed, parse_rule, parse_rules, rule_masks, sequential_mask
+from .policies import (
+    MASK_VALUE,
+    BernoulliPolicy,
+    BetaPolicy,
+    CategoricalPolicy,
+    LogitBernoulli,
+    masked_logits,
+    sample,
+)
+from .reinforce import (
+    MovingAverageBaseline,
+    advantages,
+    discounted_returns,
+    reinforce_loss,
+    rl_metrics,
+    update_baseline,
+)
+
+__all__ = [
+    # reinforce
+    "discounted_returns",
+    "update_baseline",
+    "advantages",
+    "reinforce_loss",
+    "rl_metrics",
+    "MovingAverageBaseline",
+    # policies
+    "MASK_VALUE",
+    "masked_logits",
+    "CategoricalPolicy",
+    "BernoulliPolicy",
+    "LogitBernoulli",
+    "BetaPolicy",
+    "sample",
+    # masking
+    "Rule",
+    "parse_rule",
+    "parse_rules",
+    "rule_masks",
+    "allowed",
+    "sequential_mask",
+]

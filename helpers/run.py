@@ -1,0 +1,167 @@
+"""The papermill runner: one notebook, one params file, one profile, one deterministic place.
+
+Usage::
+
+    python -m helpers.run notebooks/baselines.ipynb params/baselines.yaml --profile quick
+
+writes ``<book>/runs/<notebook>/<run>.ipynb`` (the executed copy, i.e. the book page) and
+``<book>/results/<notebook>/<run>/`` holding ``params.yaml`` and ``provenance.json`` beside what
+the notebook stored. ``<run>`` is the params file's stem. Params are resolved as documented in
+:mod:`helpers.config`; an unknown key stops the run before anything executes.
+
+A run whose notebook, resolved params and helpers are unchanged since it last finished is not
+redone (``--force`` redoes it). A run that was interrupted or failed is simply started again: the
+notebook skips the units it already stored and ``fit`` resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from . import config
+from .repro import provenance
+from .results import atomic_write_text, read_json, write_json
+
+
+class RunError(RuntimeError):
+    """A notebook run failed; the message says where its partial output and log are."""
+
+
+def notebook_defaults(notebook: str | os.PathLike) -> dict:
+    """The literal defaults of the notebook's ``parameters`` cell (papermill's inspection)."""
+    import papermill
+
+    nb = Path(notebook)
+    if not nb.is_file():
+        raise config.ParamsError(f"notebook not found: {nb}")
+    found = papermill.inspect_notebook(str(nb))
+    if not found:
+        raise config.ParamsError(f"{nb} has no cell tagged 'parameters'")
+    out = {}
+    for name, meta in found.items():
+        try:
+            out[name] = ast.literal_eval(meta["default"])
+        except (ValueError, SyntaxError) as exc:
+            raise config.ParamsError(f"{nb}: parameter '{name}' must be a literal, got {meta['default']!r}") from exc
+    return out
+
+
+def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, profile: str) -> dict:
+    """Resolved params of a run (see :func:`helpers.config.merge_params`)."""
+    params_dir = config.repo_root() / "params"
+    shared = []
+    for path in (params_dir / "global.yaml", params_dir / "profiles" / f"{profile}.yaml"):
+        if path.is_file():
+            shared.append(config.load_yaml(path))
+    run_params = config.load_yaml(params_file) if params_file else {}
+    return config.merge_params(notebook_defaults(notebook), run_params, profile, shared,
+                               source=str(params_file or "defaults"))
+
+
+def inputs_digest(notebook: Path, params: dict) -> str:
+    """SHA-256 over the notebook, the resolved params and every helpers source file."""
+    h = hashlib.sha256()
+    h.update(notebook.read_bytes())
+    h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    for src in sorted((config.repo_root() / "helpers").rglob("*.py")):
+        h.update(src.relative_to(config.repo_root()).as_posix().encode())
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
+def paths(notebook: str | os.PathLike, run_name: str) -> tuple[Path, Path]:
+    """(executed notebook path, results folder) of a run."""
+    stem = Path(notebook).stem
+    return config.book_dir() / "runs" / stem / f"{run_name}.ipynb", config.results_dir(stem, run_name)
+
+
+def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | None = None,
+                 profile: str = "quick", *, force: bool = False, run_name: str | None = None,
+                 log_output: bool = False) -> dict:
+    """Execute one run (or skip it if unchanged and finished); returns its provenance record."""
+    import papermill
+
+    notebook = Path(notebook).resolve()
+    run_name = run_name or (Path(params_file).stem if params_file else "default")
+    params = resolve(notebook, params_file, profile)
+    executed, results = paths(notebook, run_name)
+    digest = inputs_digest(notebook, params)
+    prov_path = results / "provenance.json"
+    if not force and prov_path.is_file() and executed.is_file():
+        old = read_json(prov_path)
+        if old.get("status") == "complete" and old.get("inputs_sha256") == digest:
+            print(f"[skip] {notebook.stem}/{run_name} ({profile}): unchanged since its last finished run")
+            return old
+    results.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(results / "params.yaml", yaml.safe_dump({"profile": profile, **params}, sort_keys=False))
+    record = {"notebook": str(notebook.relative_to(config.repo_root())) if notebook.is_relative_to(config.repo_root()) else str(notebook),
+              "params_file": str(params_file) if params_file else None, "run_name": run_name, "profile": profile,
+              "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "status": "running",
+              "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
+    write_json(prov_path, record)
+    injected = {**params, "profile": profile, "run_name": run_name, "results_dir": str(results)}
+    partial = executed.with_suffix(".partial.ipynb")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    env_before = os.environ.get("RLMED_PROGRESS")
+    os.environ["RLMED_PROGRESS"] = "log"
+    print(f"[run ] {notebook.stem}/{run_name} ({profile}) -> {executed}", flush=True)
+    start = time.perf_counter()
+    try:
+        papermill.execute_notebook(str(notebook), str(partial), parameters=injected, kernel_name="python3",
+                                   cwd=str(config.repo_root()), progress_bar=False, log_output=log_output)
+    except BaseException as exc:
+        failed = executed.with_suffix(".failed.ipynb")
+        if partial.is_file():
+            os.replace(partial, failed)
+        record.update(status="failed", wall_s=round(time.perf_counter() - start, 2), error=_short(exc))
+        write_json(prov_path, record)
+        raise RunError(f"{notebook.name} with {params_file or 'defaults'} ({profile}) failed: {_short(exc)}\n"
+                       f"The executed notebook up to the error is {failed}; finished units under {results} "
+                       f"are kept and the next run resumes from them.") from exc
+    finally:
+        if env_before is None:
+            os.environ.pop("RLMED_PROGRESS", None)
+        else:
+            os.environ["RLMED_PROGRESS"] = env_before
+    os.replace(partial, executed)
+    executed.with_suffix(".failed.ipynb").unlink(missing_ok=True)
+    record.update(status="complete", wall_s=round(time.perf_counter() - start, 2))
+    write_json(prov_path, record)
+    print(f"[done] {notebook.stem}/{run_name} in {record['wall_s']:.0f} s", flush=True)
+    return record
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    ename = getattr(exc, "ename", type(exc).__name__)
+    evalue = getattr(exc, "evalue", None)
+    return f"{ename}: {evalue}" if evalue else (text[-1] if text else type(exc).__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m helpers.run", description=__doc__.split("\n\n")[0])
+    parser.add_argument("notebook", help="template notebook, e.g. notebooks/baselines.ipynb")
+    parser.add_argument("params", nargs="?", help="params YAML (its stem names the run)")
+    parser.add_argument("--profile", default="quick", choices=config.PROFILES)
+    parser.add_argument("--force", action="store_true", help="redo even if unchanged")
+    parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
+    args = parser.parse_args(argv)
+    try:
+        run_notebook(args.notebook, args.params, args.profile, force=args.force, log_output=args.log_output)
+    except (config.ParamsError, RunError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

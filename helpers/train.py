@@ -1,0 +1,401 @@
+"""The one training loop every notebook uses (after torchvision's ``references/classification``).
+
+``train_one_epoch`` and ``evaluate`` stay short; :func:`fit` composes them with the optimiser,
+schedule, gradient clipping, early stopping, best-checkpoint selection on a validation metric,
+mixed precision on GPU, resumable checkpoints and DistributedDataParallel. Methods differ only by
+the model, loader, and :class:`Hook` they hand in.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .config import ParamsError, check_keys
+from .metrics import classification_metrics
+from .results import atomic_write_bytes
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; finished work (checkpoints, units) is kept."""
+
+
+@dataclass
+class FitConfig:
+    """Everything :func:`fit` can be told. Build from params with :meth:`from_params`."""
+
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"            # adamw | sgd
+    momentum: float = 0.9               # sgd only
+    schedule: str = "cosine"            # none | onecycle | cosine | plateau
+    pct_start: float = 0.3              # onecycle warm-up share
+    plateau_factor: float = 0.1
+    plateau_patience: int = 2
+    grad_clip: float | None = None      # max global grad norm; None = off
+    patience: int | None = None         # early stopping patience in epochs; None = off
+    min_delta: float = 0.0              # smallest change of the monitor that counts as better
+    min_epochs: int = 1                 # never stop before this many epochs
+    monitor: str = "val/auc"            # selection metric, always on the validation split
+    mode: str = "auto"                  # max | min | auto (min for losses)
+    amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
+    class_weights: str | None = None    # None | balanced
+    label_smoothing: float = 0.0
+    progress: str = "auto"              # auto | bar | log | none
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "FitConfig":
+        """A config from a params mapping; unknown keys are refused, naming the valid ones."""
+        merged = {**dict(params), **overrides}
+        check_keys(merged, [f.name for f in fields(cls)], "fit config")
+        cfg = cls(**merged)
+        if cfg.optimizer not in ("adamw", "sgd"):
+            raise ParamsError(f"optimizer '{cfg.optimizer}' unknown; use adamw or sgd")
+        if cfg.schedule not in ("none", "onecycle", "cosine", "plateau"):
+            raise ParamsError(f"schedule '{cfg.schedule}' unknown; use none, onecycle, cosine or plateau")
+        return cfg
+
+    @property
+    def maximize(self) -> bool:
+        return self.mode == "max" or (self.mode == "auto" and "loss" not in self.monitor)
+
+
+class Hook:
+    """Extension points of the loop; methods are no-ops unless a method overrides them.
+
+    ``transform_batch`` runs before the forward pass (e.g. a policy's noise mask or an
+    adversarial erasing step), ``on_epoch_end`` may return extra metrics for the history.
+    """
+
+    def transform_batch(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, y
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> dict | None:
+        return None
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns; ``model`` holds the best weights (by ``monitor`` on val)."""
+
+    model: nn.Module
+    history: pd.DataFrame
+    best_epoch: int
+    best_score: float
+    stopped_early: bool
+    resumed_from: int | None = None
+    wall_s: float = 0.0
+
+
+class EarlyStopping:
+    """Patience-based stopping with ``min_delta`` and ``min_epochs`` (epochs are 1-based)."""
+
+    def __init__(self, patience: int | None, min_delta: float = 0.0, min_epochs: int = 1, maximize: bool = True):
+        self.patience, self.min_delta, self.min_epochs, self.maximize = patience, min_delta, min_epochs, maximize
+        self.best = -math.inf if maximize else math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+
+    def improved(self, score: float) -> bool:
+        if math.isnan(score):
+            return False
+        return score > self.best + self.min_delta if self.maximize else score < self.best - self.min_delta
+
+    def step(self, score: float, epoch: int) -> bool:
+        """Record an epoch's score; return True when it is the new best."""
+        if self.improved(score):
+            self.best, self.best_epoch, self.bad_epochs = score, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience is not None and self.bad_epochs >= self.patience
+
+    def stop_now(self, epoch: int) -> bool:
+        return epoch >= self.min_epochs and self.should_stop
+
+    def state_dict(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best, self.best_epoch, self.bad_epochs = state["best"], state["best_epoch"], state["bad_epochs"]
+
+
+# ---- small pieces ----------------------------------------------------------------------------
+def make_criterion(task: str, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """BCE-with-logits for multi-label tasks, cross-entropy otherwise (binary tasks use 2 logits)."""
+    if task.startswith("multi-label"):
+        return nn.BCEWithLogitsLoss()
+    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
+
+
+def to_scores(logits: torch.Tensor, task: str) -> torch.Tensor:
+    """Probabilities from logits: sigmoid for multi-label, softmax otherwise."""
+    return torch.sigmoid(logits) if task.startswith("multi-label") else torch.softmax(logits, dim=1)
+
+
+def _autocast(device: torch.device, amp: bool):
+    enabled = amp and device.type == "cuda"
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def is_main_process() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Initialise torch.distributed from ``torchrun``'s environment; returns (rank, world_size).
+
+    Without ``torchrun`` (no ``WORLD_SIZE`` in the environment) it does nothing and returns (0, 1).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _progress_mode(mode: str) -> str:
+    if mode != "auto":
+        return mode
+    env = os.environ.get("RLMED_PROGRESS")
+    if env:
+        return env
+    return "bar" if "ipykernel" in sys.modules else "log"
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
+                    device: torch.device, epoch: int, scheduler=None, grad_clip: float | None = None,
+                    amp: bool = True, hooks: Sequence[Hook] = (), bar=None) -> dict:
+    """One pass over ``loader``; steps a per-batch ``scheduler`` if given. Returns train/* metrics."""
+    model.train()
+    total, loss_sum, correct, grad_norm_sum, steps = 0, 0.0, 0, 0.0, 0
+    for step, (x, y) in enumerate(loader):
+        for hook in hooks:
+            x, y = hook.transform_batch(x, y, model)
+        with _autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        if not torch.isfinite(loss):
+            lr = optimizer.param_groups[0]["lr"]
+            raise NonFiniteLossError(
+                f"training loss is {loss.item()} at epoch {epoch}, batch {step} (lr {lr:.3g}). "
+                f"Fix: lower lr, set grad_clip (e.g. 1.0), or check the inputs for NaN. "
+                f"The last finished epoch is kept in the checkpoint.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            grad_norm_sum += float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        n = len(y)
+        total += n
+        steps += 1
+        loss_sum += loss.item() * n
+        if y.ndim == 1:
+            correct += (logits.argmax(1) == y).sum().item()
+        if bar is not None:
+            bar.update(1)
+    out = {"train/loss": loss_sum / max(total, 1)}
+    if correct or total:
+        out["train/acc"] = correct / max(total, 1) if total else float("nan")
+    if grad_clip:
+        out["train/grad_norm"] = grad_norm_sum / max(steps, 1)
+    return out
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, task: str, *, device: torch.device | None = None,
+            amp: bool = True, criterion: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scores (probabilities), labels and mean loss of ``model`` over ``loader``."""
+    model.eval()
+    device = device or next(model.parameters()).device
+    scores, labels, loss_sum, total = [], [], 0.0, 0
+    for x, y in loader:
+        with _autocast(device, amp):
+            logits = model(x).float()
+        if criterion is not None:
+            loss_sum += criterion(logits, y).item() * len(y)
+        total += len(y)
+        scores.append(to_scores(logits, task).cpu())
+        labels.append(y.cpu())
+    return torch.cat(scores).numpy(), torch.cat(labels).numpy(), loss_sum / max(total, 1)
+
+
+def evaluate(model: nn.Module, loader: Iterable, task: str, *, prefix: str = "val", device=None,
+             amp: bool = True, criterion: nn.Module | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+    """MedMNIST metrics of ``model`` on ``loader`` as ``{prefix}/acc`` etc., plus raw scores and labels."""
+    scores, labels, loss = predict(model, loader, task, device=device, amp=amp, criterion=criterion)
+    metrics = {f"{prefix}/{k}": v for k, v in classification_metrics(labels, scores, task).items()}
+    if criterion is not None:
+        metrics[f"{prefix}/loss"] = loss
+    return metrics, scores, labels
+
+
+def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int):
+    """Returns (scheduler, per_batch). OneCycle and cosine step per batch, plateau per epoch."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+                                                   pct_start=cfg.pct_start, div_factor=10,
+                                                   final_div_factor=100), True
+    if cfg.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), True
+    if cfg.schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max" if cfg.maximize else "min", factor=cfg.plateau_factor,
+            patience=cfg.plateau_patience), False
+    return None, False
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def _cpu_state(model: nn.Module) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
+
+
+def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *,
+        device: torch.device | str = "cpu", checkpoint: str | os.PathLike | None = None,
+        hooks: Sequence[Hook] = (), class_weights: torch.Tensor | None = None, desc: str = "") -> FitResult:
+    """Train ``model`` and keep the weights that score best on the validation ``monitor``.
+
+    ``checkpoint`` (a file, normally under :func:`helpers.config.cache_dir`) is written after every
+    epoch; calling ``fit`` again with the same path and config resumes from the last finished
+    epoch, and a finished fit returns its stored result without training. A NaN or infinite loss
+    raises :class:`NonFiniteLossError` and keeps the last good checkpoint.
+    """
+    start = time.perf_counter()
+    device = torch.device(device)
+    model.to(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
+    weight = class_weights.to(device) if class_weights is not None else None
+    criterion = make_criterion(task, weight, cfg.label_smoothing)
+    eval_criterion = make_criterion(task)
+    optimizer = make_optimizer(model, cfg)
+    scheduler, per_batch = make_scheduler(optimizer, cfg, len(train_loader))
+    stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.min_epochs, cfg.maximize)
+    signature = repr((asdict(cfg), type(model).__name__, sum(p.numel() for p in model.parameters())))
+    rows: list[dict] = []
+    best_state = _cpu_state(model)
+    first_epoch, resumed_from, stopped_early = 1, None, False
+    ckpt = Path(checkpoint) if checkpoint else None
+
+    if ckpt is not None and ckpt.is_file():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        if state.get("signature") == signature:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None and state.get("scheduler"):
+                scheduler.load_state_dict(state["scheduler"])
+            stopper.load_state_dict(state["stopper"])
+            if hasattr(train_loader, "load_state_dict"):
+                train_loader.load_state_dict(state["loader"])
+            for hook, hs in zip(hooks, state.get("hooks", [])):
+                hook.load_state_dict(hs)
+            torch.set_rng_state(state["rng"])
+            rows, best_state = state["history"], state["best_state"]
+            first_epoch = state["epoch"] + 1
+            resumed_from = state["epoch"]
+            stopped_early = state.get("stopped_early", False)
+            if state.get("finished"):
+                first_epoch = cfg.epochs + 1
+        else:
+            print(f"checkpoint {ckpt} was made with another config or model; starting afresh", flush=True)
+
+    mode = _progress_mode(cfg.progress) if is_main_process() else "none"
+    bar = None
+    if mode == "bar":
+        from tqdm.auto import tqdm
+        bar = tqdm(total=cfg.epochs, initial=first_epoch - 1, desc=desc or "epochs", unit="ep", leave=True)
+
+    for epoch in range(first_epoch, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        logs = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
+        logs.update(train_one_epoch(train_model, train_loader, criterion, optimizer, device=device, epoch=epoch,
+                                    scheduler=scheduler if per_batch else None, grad_clip=cfg.grad_clip,
+                                    amp=cfg.amp, hooks=hooks))
+        val_metrics, _, _ = evaluate(model, val_loader, task, device=device, amp=cfg.amp, criterion=eval_criterion)
+        logs.update(val_metrics)
+        for hook in hooks:
+            logs.update(hook.on_epoch_end(epoch, logs) or {})
+        if cfg.monitor not in logs:
+            raise ParamsError(f"monitor '{cfg.monitor}' is not a logged metric; logged: {sorted(logs)}")
+        score = float(logs[cfg.monitor])
+        if scheduler is not None and not per_batch:
+            scheduler.step(score)
+        if stopper.step(score, epoch):
+            best_state = _cpu_state(model)
+        logs["time_s"] = time.perf_counter() - t0
+        rows.append(logs)
+        stop = stopper.stop_now(epoch)
+        stopped_early = stop and epoch < cfg.epochs
+        finished = stop or epoch == cfg.epochs
+        if ckpt is not None and is_main_process():
+            _save_checkpoint(ckpt, {
+                "signature": signature, "epoch": epoch, "model": _cpu_state(model),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
+                "stopper": stopper.state_dict(), "rng": torch.get_rng_state(),
+                "loader": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None,
+                "hooks": [h.state_dict() for h in hooks], "history": rows, "best_state": best_state,
+                "finished": finished, "stopped_early": stopped_early})
+        _report(mode, bar, desc, logs, cfg.monitor)
+        if stop:
+            break
+    if bar is not None:
+        bar.close()
+    model.load_state_dict(best_state)
+    history = pd.DataFrame(rows)
+    best_epoch = stopper.best_epoch
+    return FitResult(model, history, best_epoch, stopper.best, stopped_early, resumed_from,
+                     time.perf_counter() - start)
+
+
+def _report(mode: str, bar, desc: str, logs: dict, monitor: str) -> None:
+    keys = ("train/loss", "val/loss", "val/acc", monitor)
+    shown = {k: logs[k] for k in dict.fromkeys(keys) if k in logs}
+    if mode == "bar" and bar is not None:
+        bar.set_postfix({k.split("/")[-1] if k != monitor else k: f"{v:.4f}" for k, v in shown.items()})
+        bar.update(1)
+    elif mode == "log":
+        text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
+        print(f"{desc + ' ' if desc else ''}epoch {logs['epoch']:>3}  {text}  ({logs['time_s']:.1f}s)", flush=True)

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
@@ -199,7 +200,7 @@ def load(flag: str, size: int = 28, root: str | os.PathLike | None = None, *,
     try:
         with np.load(path) as npz:
             out = {s: _to_tensors(npz[f"{s}_images"], npz[f"{s}_labels"], multilabel) for s in splits}
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as exc:
+    except (zipfile.BadZipFile, zlib.error, OSError, ValueError, KeyError, EOFError) as exc:
         raise DataError(f"cannot read {path}: {exc}. Fix: replace it with the official "
                         f"{path.name} (MD5 {expected_md5(flag, size)}).") from exc
     for s, split in out.items():

@@ -66,9 +66,11 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     result = fit(model, loader, val_loader, ds.task, cfg, device=dev, checkpoint=ckpt, hooks=hooks,
                  class_weights=cw, desc=unit_name(**keys))
-    val_metrics, val_scores, val_labels = evaluate(result.model, val_loader, ds.task, prefix="val", device=dev, amp=cfg.amp)
+    val_metrics, val_scores, val_labels = evaluate(result.model, val_loader, ds.task, prefix="val", device=dev, amp=cfg.amp,
+                                                  channels_last=cfg.channels_last)
     test_loader = data_mod.TensorLoader(ds["test"], 512, device=dev)
-    test_metrics, test_scores, test_labels = evaluate(result.model, test_loader, ds.task, prefix="test", device=dev, amp=cfg.amp)
+    test_metrics, test_scores, test_labels = evaluate(result.model, test_loader, ds.task, prefix="test", device=dev, amp=cfg.amp,
+                                                     channels_last=cfg.channels_last)
     n_params = sum(p.numel() for p in result.model.parameters())
     metrics = {**val_metrics, **test_metrics, "params": n_params, "best_epoch": result.best_epoch,
                "epochs_run": len(result.history), "train_s": result.wall_s}

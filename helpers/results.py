@@ -136,14 +136,30 @@ class Recorder:
             return {k: npz[k] for k in npz.files}
 
     # ---- figures and tables ----------------------------------------------------------------
-    def save_figure(self, fig, name: str, formats: tuple[str, ...] = ("png", "svg")) -> list[Path]:
-        """Save a matplotlib figure as ``figures/<name>.<fmt>`` (atomically); returns the paths."""
+    def save_figure(self, fig, name: str, formats: tuple[str, ...] = ("png", "svg")) -> None:
+        """Save a matplotlib figure as ``figures/<name>.<fmt>`` (atomically)."""
         paths = []
         for fmt in formats:
             buf = io.BytesIO()
             fig.savefig(buf, format=fmt, dpi=120, bbox_inches="tight")
             paths.append(atomic_write_bytes(self.root / "figures" / f"{name}.{fmt}", buf.getvalue()))
-        return paths
 
     def save_table(self, df: pd.DataFrame, name: str) -> Path:
         return atomic_write_text(self.root / "tables" / f"{name}.csv", df.to_csv(index=False))
+
+
+def collect_provenance(book: str | os.PathLike) -> pd.DataFrame:
+    """One row per stored run under ``<book>/results``: what ran, with what, where and how long."""
+    rows = []
+    for path in sorted(Path(book, "results").glob("*/*/provenance.json")):
+        p = read_json(path)
+        git, versions, device = p.get("git", {}), p.get("versions", {}), p.get("device", {})
+        rows.append({
+            "notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"), "profile": p.get("profile"),
+            "status": p.get("status"), "seeds": p.get("seeds"),
+            "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
+            "wall_s": p.get("wall_s"), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
+            "torch": versions.get("torch"), "python": versions.get("python"),
+            "params": str(path.parent.relative_to(Path(book)) / "params.yaml"),
+        })
+    return pd.DataFrame(rows)

@@ -55,6 +55,7 @@ class FitConfig:
     class_weights: str | None = None    # None | balanced
     label_smoothing: float = 0.0
     progress: str = "auto"              # auto | bar | log | none
+    channels_last: bool = True          # NHWC memory format: 1.2-1.5x faster convs on CPU
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "FitConfig":
@@ -193,11 +194,13 @@ def _progress_mode(mode: str) -> str:
 
 def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, optimizer: torch.optim.Optimizer, *,
                     device: torch.device, epoch: int, scheduler=None, grad_clip: float | None = None,
-                    amp: bool = True, hooks: Sequence[Hook] = (), bar=None) -> dict:
+                    amp: bool = True, hooks: Sequence[Hook] = (), channels_last: bool = False) -> dict:
     """One pass over ``loader``; steps a per-batch ``scheduler`` if given. Returns train/* metrics."""
     model.train()
     total, loss_sum, correct, grad_norm_sum, steps = 0, 0.0, 0, 0.0, 0
     for step, (x, y) in enumerate(loader):
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         for hook in hooks:
             x, y = hook.transform_batch(x, y, model)
         with _autocast(device, amp):
@@ -222,8 +225,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         loss_sum += loss.item() * n
         if y.ndim == 1:
             correct += (logits.argmax(1) == y).sum().item()
-        if bar is not None:
-            bar.update(1)
     out = {"train/loss": loss_sum / max(total, 1)}
     if correct or total:
         out["train/acc"] = correct / max(total, 1) if total else float("nan")
@@ -234,12 +235,15 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, task: str, *, device: torch.device | None = None,
-            amp: bool = True, criterion: nn.Module | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+            amp: bool = True, criterion: nn.Module | None = None,
+            channels_last: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
     """Scores (probabilities), labels and mean loss of ``model`` over ``loader``."""
     model.eval()
     device = device or next(model.parameters()).device
     scores, labels, loss_sum, total = [], [], 0.0, 0
     for x, y in loader:
+        if channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             logits = model(x).float()
         if criterion is not None:
@@ -251,9 +255,11 @@ def predict(model: nn.Module, loader: Iterable, task: str, *, device: torch.devi
 
 
 def evaluate(model: nn.Module, loader: Iterable, task: str, *, prefix: str = "val", device=None,
-             amp: bool = True, criterion: nn.Module | None = None) -> tuple[dict, np.ndarray, np.ndarray]:
+             amp: bool = True, criterion: nn.Module | None = None,
+             channels_last: bool = False) -> tuple[dict, np.ndarray, np.ndarray]:
     """MedMNIST metrics of ``model`` on ``loader`` as ``{prefix}/acc`` etc., plus raw scores and labels."""
-    scores, labels, loss = predict(model, loader, task, device=device, amp=amp, criterion=criterion)
+    scores, labels, loss = predict(model, loader, task, device=device, amp=amp, criterion=criterion,
+                                   channels_last=channels_last)
     metrics = {f"{prefix}/{k}": v for k, v in classification_metrics(labels, scores, task).items()}
     if criterion is not None:
         metrics[f"{prefix}/loss"] = loss
@@ -306,6 +312,8 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
     start = time.perf_counter()
     device = torch.device(device)
     model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
     distributed = dist.is_available() and dist.is_initialized()
     train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
     weight = class_weights.to(device) if class_weights is not None else None
@@ -353,8 +361,9 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
         logs = {"epoch": epoch, "lr": optimizer.param_groups[0]["lr"]}
         logs.update(train_one_epoch(train_model, train_loader, criterion, optimizer, device=device, epoch=epoch,
                                     scheduler=scheduler if per_batch else None, grad_clip=cfg.grad_clip,
-                                    amp=cfg.amp, hooks=hooks))
-        val_metrics, _, _ = evaluate(model, val_loader, task, device=device, amp=cfg.amp, criterion=eval_criterion)
+                                    amp=cfg.amp, hooks=hooks, channels_last=cfg.channels_last))
+        val_metrics, _, _ = evaluate(model, val_loader, task, device=device, amp=cfg.amp, criterion=eval_criterion,
+                                     channels_last=cfg.channels_last)
         logs.update(val_metrics)
         for hook in hooks:
             logs.update(hook.on_epoch_end(epoch, logs) or {})

@@ -1,0 +1,63 @@
+"""Shared fixtures: small MedMNIST-layout npz files made on the fly, and the real shared data."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_DATA = Path("/work/shared/data/medmnist")
+
+
+def write_medmnist_npz(root, flag: str, size: int = 28, n=(40, 12, 16), seed: int = 0) -> Path:
+    """Write random data for ``flag`` at ``size`` in the official MedMNIST npz layout.
+
+    Keys ``{split}_images`` (uint8, ``(N, H, W)`` grayscale or ``(N, H, W, 3)`` RGB, per
+    ``medmnist.INFO[flag]['n_channels']``) and ``{split}_labels`` (uint8 ``(N, 1)``, or ``(N, L)``
+    0/1 for multi-label flags). The file name is medmnist's: ``{flag}.npz`` at 28 px, else
+    ``{flag}_{size}.npz``. Every class appears in every split (when the split is big enough), so
+    stratification and AUCs are defined. The MD5 is of course not the official one: load with
+    ``verify=False``.
+    """
+    from medmnist.info import INFO
+
+    meta = INFO[flag]
+    n_classes = len(meta["label"])
+    multilabel = meta["task"].startswith("multi-label")
+    channels = meta["n_channels"]
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        shape = (count, size, size) if channels == 1 else (count, size, size, 3)
+        arrays[f"{split}_images"] = rng.integers(0, 256, size=shape, dtype=np.uint8)
+        if multilabel:
+            labels = (rng.random((count, n_classes)) < 0.3).astype(np.uint8)
+            labels[np.arange(count), np.arange(count) % n_classes] = 1  # every label occurs
+        else:
+            labels = rng.permutation(np.arange(count) % n_classes).astype(np.uint8).reshape(count, 1)
+        arrays[f"{split}_labels"] = labels
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / (f"{flag}.npz" if size == 28 else f"{flag}_{size}.npz")
+    np.savez_compressed(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def make_npz():
+    """Factory ``make_npz(root, flag, size=28, n=(train, val, test), seed=0) -> Path``."""
+    return write_medmnist_npz
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """The folder of real MedMNIST files ($RLMED_DATA if set); skips when it is absent."""
+    env = os.environ.get("RLMED_DATA")
+    path = Path(env) if env else SHARED_DATA
+    if not (path / "breastmnist.npz").is_file():
+        pytest.skip(f"real MedMNIST data not found in {path}")
+    return path

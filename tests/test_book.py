@@ -1,0 +1,180 @@
+"""End to end: every notebook of the book on the smoke profile, the book built with warnings as
+errors, and the built HTML opened in headless Chromium.
+
+One session-scoped fixture executes the runs of ``book/_runs.yml`` (smoke profile, on the real
+shared data) into a temporary book folder and builds it; the tests then check the runs, the pages
+and the browser view. Marked ``slow``.
+"""
+from __future__ import annotations
+
+import functools
+import http.server
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import book as book_mod
+from helpers import config
+from helpers.run import run_notebook
+
+ROOT = config.repo_root()
+pytestmark = pytest.mark.slow
+
+
+def _shared_data() -> Path:
+    path = Path(os.environ.get("RLMED_DATA") or ROOT.parent / "shared" / "data" / "medmnist")
+    if not (path / "organamnist.npz").is_file():
+        pytest.skip(f"real MedMNIST files not found in {path}; set RLMED_DATA")
+    return path
+
+
+@pytest.fixture(scope="session")
+def built_book(tmp_path_factory):
+    """A smoke-profile book in a temporary folder: runs executed, HTML built strictly."""
+    shared_data = _shared_data()
+    tmp = tmp_path_factory.mktemp("book")
+    for item in (ROOT / "book").iterdir():
+        if item.suffix in (".md", ".yml") or item.name == "_static":
+            (shutil.copytree if item.is_dir() else shutil.copy)(item, tmp / item.name)
+    env = {"RLMED_BOOK": str(tmp), "RLMED_DATA": str(shared_data),
+           "RLMED_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    mathjax_cache = Path(old["RLMED_CACHE"] or "~/.cache/rlmedbook").expanduser() / "mathjax"
+    if mathjax_cache.is_dir():  # reuse the MathJax already fetched from npm
+        shutil.copytree(mathjax_cache, Path(env["RLMED_CACHE"]) / "mathjax")
+    try:
+        records = book_mod.execute_runs("smoke", tmp)
+        index = book_mod.build_html(tmp, strict=True)
+        yield {"root": tmp, "index": index, "records": records}
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def toc_files(toc: Path) -> list[str]:
+    """Every page of the table of contents (root first)."""
+    spec = yaml.safe_load(toc.read_text())
+    files = [spec["root"]]
+    for part in spec.get("parts", []):
+        files += [c["file"] for c in part.get("chapters", [])]
+    return files
+
+
+def test_every_toc_run_page_is_made_by_a_planned_run():
+    planned = {f"runs/{Path(r['notebook']).stem}/{Path(r['params']).stem}" for r in book_mod.planned_runs(ROOT / "book")}
+    pages = {f for f in toc_files(ROOT / "book" / "_toc.yml") if f.startswith("runs/")}
+    assert pages == planned
+
+
+def test_every_notebook_template_is_in_the_book():
+    planned = {Path(r["notebook"]).name for r in book_mod.planned_runs(ROOT / "book")}
+    assert {p.name for p in (ROOT / "notebooks").glob("*.ipynb")} == planned
+
+
+def test_templates_are_clean_with_one_parameters_cell():
+    for nb_path in (ROOT / "notebooks").glob("*.ipynb"):
+        nb = json.loads(nb_path.read_text())
+        code = [c for c in nb["cells"] if c["cell_type"] == "code"]
+        assert not any(c.get("outputs") or c.get("execution_count") for c in code), nb_path
+        tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
+        assert len(tagged) == 1, nb_path
+
+
+def test_runs_store_results_and_provenance(built_book):
+    root = built_book["root"]
+    for record in built_book["records"]:
+        assert record["status"] == "complete"
+        res = root / "results" / Path(record["notebook"]).stem / record["run_name"]
+        prov = json.loads((res / "provenance.json").read_text())
+        assert prov["status"] == "complete" and prov["profile"] == "smoke"
+        assert prov["git"]["commit"] and prov["versions"]["torch"] and prov["wall_s"] > 0
+        assert yaml.safe_load((res / "params.yaml").read_text())["profile"] == "smoke"
+    base = root / "results" / "baselines" / "baselines"
+    units = list((base / "units").glob("*.json"))
+    assert len(units) >= 6  # 3 flags x 1 model x 2 seeds on smoke
+    assert list((base / "scores").glob("*.npz")) and (base / "metrics.csv").is_file()
+    assert (base / "figures" / "learning_curves.png").is_file()
+
+
+def test_unchanged_run_is_not_redone(built_book):
+    first = built_book["records"][0]
+    again = run_notebook(ROOT / first["notebook"], ROOT / first["params_file"], "smoke")
+    assert again["started_utc"] == first["started_utc"]
+
+
+def test_pages_have_tables_and_figures(built_book):
+    html = built_book["index"].parent
+    page = (html / "runs" / "baselines" / "baselines.html").read_text()
+    assert "<table" in page and "<img" in page
+    assert "mean" not in page or "±" in page
+    assert "cdn.jsdelivr" not in (html / "intro.html").read_text()
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def served(built_book):
+    html = built_book["index"].parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(html)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+
+
+def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
+    pages = toc_files(ROOT / "book" / "_toc.yml")
+    problems = []
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        for name in pages:
+            page = browser.new_page()
+            errors = []
+            page.on("console", lambda m, e=errors: e.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+            page.on("pageerror", lambda exc, e=errors: e.append(f"page error: {exc}"))
+            page.on("requestfailed", lambda r, e=errors: e.append(f"request failed: {r.url}"))
+            url = f"{served}/{'index' if name == 'intro' else name}.html"
+            response = page.goto(url, wait_until="networkidle")
+            if response is None or response.status != 200:
+                problems.append(f"{name}: HTTP {response.status if response else 'none'}")
+            title = page.locator("h1").first.inner_text()
+            if not title.strip():
+                problems.append(f"{name}: no title")
+            if name.startswith("runs/baselines"):
+                if page.locator("table").count() < 2:
+                    problems.append(f"{name}: expected result tables")
+                imgs = page.locator("img")
+                ok = page.evaluate("() => Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
+                if imgs.count() < 2 or ok < 2:
+                    problems.append(f"{name}: expected 2+ rendered figures, {ok} loaded")
+            if name == "intro":
+                page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=10000)
+                page.evaluate("() => MathJax.startup.promise")
+                if page.locator("mjx-container").count() == 0:
+                    problems.append("intro: MathJax did not typeset the formula")
+            if name.startswith("runs/baselines"):
+                page.screenshot(path=str(tmp_path / "baselines.png"), full_page=False)
+            problems += [f"{name}: {e}" for e in errors]
+            page.close()
+        browser.close()
+    assert not problems, "\n".join(problems)

@@ -198,6 +198,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
     """One pass over ``loader``; steps a per-batch ``scheduler`` if given. Returns train/* metrics."""
     model.train()
     total, loss_sum, correct, grad_norm_sum, steps = 0, 0.0, 0, 0.0, 0
+    single_label = False
     for step, (x, y) in enumerate(loader):
         if channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -224,10 +225,11 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         steps += 1
         loss_sum += loss.item() * n
         if y.ndim == 1:
+            single_label = True
             correct += (logits.argmax(1) == y).sum().item()
     out = {"train/loss": loss_sum / max(total, 1)}
-    if correct or total:
-        out["train/acc"] = correct / max(total, 1) if total else float("nan")
+    if single_label:  # no train accuracy for multi-label targets (it would read 0)
+        out["train/acc"] = correct / total
     if grad_clip:
         out["train/grad_norm"] = grad_norm_sum / max(steps, 1)
     return out

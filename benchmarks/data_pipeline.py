@@ -52,7 +52,9 @@ optimizer steps, timed and in all. ``--rounds 1`` runs them one after another.
 Printed: a header (torch/torchvision/medmnist versions, torch threads, CPU count, device, load
 average), the one-off load time of each pipeline, and a table with, per pipeline: images/s,
 mean step ms, mean data ms, mean model ms, the share of step time outside the model (%), and the
-mean training loss of the last 20 steps (a sanity check that both trained alike); then the ratio
+CPU time this process got per wall second (well below ``100 * threads`` means other jobs took
+the CPU), and the mean training loss of the last 20 steps (a sanity check that both trained
+alike); then the ratio
 helpers images/s / medmnist images/s. ``--json PATH`` writes the same numbers as JSON.
 """
 from __future__ import annotations
@@ -185,7 +187,7 @@ class Trainer:
         self.crit = make_criterion(task)
         self.amp = device.type == "cuda" and not args.no_amp
         self.data_s, self.model_s, self.losses = [], [], []
-        self.wall_s, self.images, self.untimed = 0.0, 0, 0
+        self.wall_s, self.cpu_s, self.images, self.untimed = 0.0, 0.0, 0, 0
 
     def step(self) -> tuple[float, float, int]:
         """One optimizer step; returns (data seconds, model seconds, images)."""
@@ -210,13 +212,14 @@ class Trainer:
             self.step()
         self.untimed += untimed_steps
         sync(self.device)
-        wall0 = time.perf_counter()
+        wall0, cpu0 = time.perf_counter(), time.process_time()
         for _ in range(timed_steps):
             d, m, n = self.step()
             self.data_s.append(d)
             self.model_s.append(m)
             self.images += n
         self.wall_s += time.perf_counter() - wall0
+        self.cpu_s += time.process_time() - cpu0
 
     def summary(self) -> dict:
         data_ms = 1e3 * sum(self.data_s) / len(self.data_s)
@@ -229,6 +232,7 @@ class Trainer:
             "images": self.images,
             "wall_s": self.wall_s,
             "images_per_s": self.images / self.wall_s,
+            "process_cpu_pct": 100 * self.cpu_s / self.wall_s,
             "step_ms": data_ms + model_ms,
             "data_ms": data_ms,
             "model_ms": model_ms,
@@ -311,19 +315,24 @@ def main(argv=None) -> dict:
         g.close()  # shuts DataLoader workers down
     runs = [t.summary() for t in trainers]
     print(f"\n{'pipeline':<14} {'images/s':>9} {'step ms':>8} {'data ms':>8} {'model ms':>9} "
-          f"{'outside model':>14} {'loss(last20)':>13}")
+          f"{'outside model':>14} {'cpu %':>6} {'loss(last20)':>13}")
     for r in runs:
         print(f"{r['pipeline'] + (' (cl)' if r['channels_last'] else ''):<14} {r['images_per_s']:9.0f} "
               f"{r['step_ms']:8.2f} {r['data_ms']:8.2f} {r['model_ms']:9.2f} {r['outside_model_pct']:13.1f}% "
-              f"{r['loss_last20']:13.3f}")
+              f"{r['process_cpu_pct']:6.0f} {r['loss_last20']:13.3f}")
     helpers_ips = runs[-1]["images_per_s"]
     ratios = {}
     for r in runs[:-1]:
         ratios[r["pipeline"]] = helpers_ips / r["images_per_s"]
         print(f"ratio helpers / {r['pipeline']} images/s: {ratios[r['pipeline']]:.2f}x")
-    print("(cl) = model and inputs in channels_last; data = everything outside the model step")
+    print("(cl) = model and inputs in channels_last; data = everything outside the model step; cpu % = CPU "
+          f"time of this process (not of DataLoader workers) per wall second, at most {100 * env['threads']}")
     env["loadavg_end"] = loadavg()
-    print(f"loadavg at end {env['loadavg_end']}")
+    print(f"loadavg at end {env['loadavg_end']} (includes this benchmark)")
+    busy = float(env["loadavg_start"].split()[0]) if env["loadavg_start"] != "n/a" else 0.0
+    if busy > 0.5 * (os.cpu_count() or 1):  # measured before this benchmark's own work
+        print(f"note: 1-min load average {busy:.2f} on {os.cpu_count()} CPUs at start: other jobs shared the "
+              f"CPU, so these timings are slower and noisier than on an idle machine")
 
     result = {"env": env, "config": {**{k: v for k, v in vars(args).items() if k != "json"},
                                      "data_root": root, "batch": BATCH, "lr": LR, "weight_decay": WEIGHT_DECAY,

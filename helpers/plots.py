@@ -71,3 +71,39 @@ def reward_curves(df: pd.DataFrame, x: str = "episode", y: str = "rl/reward", hu
     ax.set_ylabel(f"{y} (moving average over {window})")
     fig.tight_layout()
     return fig
+
+
+def action_probabilities(episodes: pd.DataFrame, strategies: Sequence[str], x: str = "episode") -> plt.Figure:
+    """The controller's probability of each choice per decision over episodes (mean over seeds).
+
+    ``episodes`` holds columns ``p/<decision>=<value>`` written by :func:`helpers.nas.run_search`.
+    """
+    cols = [c for c in episodes.columns if c.startswith("p/")]
+    decisions = list(dict.fromkeys(c[2:].split("=")[0] for c in cols))
+    fig, axes = plt.subplots(len(strategies), len(decisions), figsize=(4 * len(decisions), 2.8 * len(strategies)),
+                             squeeze=False, sharey=True)
+    for i, strat in enumerate(strategies):
+        sub = episodes[episodes["strategy"] == strat]
+        for j, dec in enumerate(decisions):
+            ax = axes[i][j]
+            mine = [c for c in cols if c[2:].split("=")[0] == dec]
+            long = sub.melt(id_vars=[x, "seed"], value_vars=mine, var_name="choice", value_name="probability")
+            long["choice"] = long["choice"].str.split("=").str[1]
+            sns.lineplot(data=long, x=x, y="probability", hue="choice", errorbar="sd", ax=ax)
+            ax.set_title(f"{strat}: {dec}")
+            ax.set_ylim(0, 1)
+            ax.legend(title=dec, fontsize=7, title_fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def params_vs_accuracy(episodes: pd.DataFrame, hue: str = "strategy") -> plt.Figure:
+    """Every evaluated child: parameters (log x) against validation accuracy."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.scatterplot(data=episodes, x="params", y="val_acc", hue=hue, style=hue, alpha=0.6, ax=ax)
+    ax.set_xscale("log")
+    ax.set_xlabel("child parameters")
+    ax.set_ylabel("validation accuracy")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))
+    fig.tight_layout()
+    return fig

@@ -34,3 +34,17 @@ def medmnist_v2_table(flags: list[str] | None = None) -> pd.DataFrame:
             for m, per in MEDMNIST_V2.items() for f, (auc, acc) in per.items()
             if flags is None or f in flags]
     return pd.DataFrame(rows)
+
+
+RLMEDNAS_SOURCE = ("Ashwashhere/RLMedNAS README (one run, no seeds; rows are means over the 100 episodes of "
+                   "each phase: reward = accuracy - 1e-6 * params exactly)")
+
+# phase -> (mean reward, mean params, mean val accuracy), OrganAMNIST val split, 5-epoch children.
+RLMEDNAS = {"random": (0.8215, 132_503, 0.9540), "rl": (0.8571, 98_987, 0.9561),
+            "rl_masked": (0.9084, 46_557, 0.9549)}
+
+
+def rlmednas_table() -> pd.DataFrame:
+    """The published RLMedNAS phase table (means over each phase's episodes)."""
+    return pd.DataFrame([{"strategy": k, "reward": r, "params": p, "val_acc": a, "source": "RLMedNAS (published)"}
+                         for k, (r, p, a) in RLMEDNAS.items()])

@@ -46,8 +46,11 @@ def random_affine_theta(n: int, gen: torch.Generator, *, rotate: float = 0.0, tr
     if crop_scale:
         area = _uniform(gen, n, *crop_scale)
         log_r = _uniform(gen, n, math.log(3 / 4), math.log(4 / 3))
-        w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
-        h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
+        w = torch.sqrt(area * log_r.exp())
+        h = torch.sqrt(area / log_r.exp())
+        square = (w > 1) | (h > 1)  # like torchvision's fallback: keep the area, drop the aspect ratio
+        w = torch.where(square, area.sqrt(), w).clamp(max=1.0)
+        h = torch.where(square, area.sqrt(), h).clamp(max=1.0)
         cx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - w)
         cy = (torch.rand(n, generator=gen) * 2 - 1) * (1 - h)
         crop = eye.clone()

@@ -124,6 +124,8 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
             os.replace(partial, failed)
         record.update(status="failed", wall_s=round(time.perf_counter() - start, 2), error=_short(exc))
         write_json(prov_path, record)
+        if not isinstance(exc, Exception):  # Ctrl-C and friends: partial work is kept, re-raise as is
+            raise
         raise RunError(f"{notebook.name} with {params_file or 'defaults'} ({profile}) failed: {_short(exc)}\n"
                        f"The executed notebook up to the error is {failed}; finished units under {results} "
                        f"are kept and the next run resumes from them.") from exc

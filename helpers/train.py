@@ -364,6 +364,9 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
         logs.update(train_one_epoch(train_model, train_loader, criterion, optimizer, device=device, epoch=epoch,
                                     scheduler=scheduler if per_batch else None, grad_clip=cfg.grad_clip,
                                     amp=cfg.amp, hooks=hooks, channels_last=cfg.channels_last))
+        if distributed:  # BatchNorm running stats drift apart per rank: evaluate and keep rank 0's everywhere
+            for buf in model.buffers():
+                dist.broadcast(buf, src=0)
         val_metrics, _, _ = evaluate(model, val_loader, task, device=device, amp=cfg.amp, criterion=eval_criterion,
                                      channels_last=cfg.channels_last)
         logs.update(val_metrics)

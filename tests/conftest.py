@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = Path("/work/shared/data/medmnist")
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 
 
 def write_medmnist_npz(root, flag: str, size: int = 28, n=(40, 12, 16), seed: int = 0) -> Path:

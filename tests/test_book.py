@@ -113,9 +113,9 @@ def test_unchanged_run_is_not_redone(built_book):
 
 def test_pages_have_tables_and_figures(built_book):
     html = built_book["index"].parent
-    page = (html / "runs" / "baselines" / "baselines.html").read_text()
-    assert "<table" in page and "<img" in page
-    assert "mean" not in page or "±" in page
+    for name in ("baselines", "nas"):
+        page = (html / "runs" / name / f"{name}.html").read_text()
+        assert "<table" in page and "<img" in page and "±" in page, name
     assert "cdn.jsdelivr" not in (html / "intro.html").read_text()
 
 
@@ -135,6 +135,8 @@ def served(built_book):
 
 
 CHROMIUM = "/usr/bin/chromium"
+# notebook -> (tables, rendered figures) its page must show at least
+FIGURES_AND_TABLES = {"baselines": (2, 2), "nas": (5, 4), "provenance": (1, 0)}
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
@@ -160,20 +162,20 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
             title = page.locator("h1").first.inner_text()
             if not title.strip():
                 problems.append(f"{name}: no title")
-            if name.startswith("runs/baselines"):
-                if page.locator("table").count() < 2:
-                    problems.append(f"{name}: expected result tables")
-                imgs = page.locator("img")
+            if name.startswith("runs/"):
+                want_tables, want_figs = FIGURES_AND_TABLES.get(name.split("/")[1], (1, 0))
+                if page.locator("table").count() < want_tables:
+                    problems.append(f"{name}: expected {want_tables}+ tables")
                 ok = page.evaluate("() => Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
-                if imgs.count() < 2 or ok < 2:
-                    problems.append(f"{name}: expected 2+ rendered figures, {ok} loaded")
+                if ok < want_figs:
+                    problems.append(f"{name}: expected {want_figs}+ rendered figures, {ok} loaded")
             if name == "intro":
                 page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=10000)
                 page.evaluate("() => MathJax.startup.promise")
                 if page.locator("mjx-container").count() == 0:
                     problems.append("intro: MathJax did not typeset the formula")
-            if name.startswith("runs/baselines"):
-                page.screenshot(path=str(tmp_path / "baselines.png"), full_page=False)
+            if name.startswith("runs/"):
+                page.screenshot(path=str(tmp_path / f"{name.split('/')[1]}.png"), full_page=False)
             problems += [f"{name}: {e}" for e in errors]
             page.close()
         browser.close()

@@ -1,0 +1,374 @@
+"""helpers.config (params merging), helpers.run (the papermill runner) and helpers.results (Recorder)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from helpers import config, repro, results, run
+from helpers.config import ParamsError, check_keys, merge_params
+from helpers.results import Recorder, atomic_write_bytes, atomic_write_text, unit_name
+
+
+# ---- merging -------------------------------------------------------------------------------
+DEFAULTS = {"a": 0, "b": 0, "c": 0, "d": 0, "e": 0, "learning_rate": 0.1, "nested": {"x": [1, 2]},
+            "profile": "smoke", "run_name": "default", "results_dir": None}
+
+
+def test_merge_order():
+    global_layer = {"a": 1, "b": 1, "c": 1, "d": 1, "undeclared": 7}
+    profile_layer = {"b": 2, "c": 2, "d": 2}
+    run_params = {"c": 3, "d": 3, "profiles": {"quick": {"d": 4}, "smoke": {"d": 99}}}
+    out = merge_params(DEFAULTS, run_params, "quick", [global_layer, profile_layer])
+    assert (out["a"], out["b"], out["c"], out["d"], out["e"]) == (1, 2, 3, 4, 0)
+    assert "undeclared" not in out and "profiles" not in out
+    out = merge_params(DEFAULTS, run_params, "smoke", [global_layer, profile_layer])
+    assert out["d"] == 99
+    out = merge_params(DEFAULTS, run_params, "full", [global_layer, profile_layer])
+    assert out["d"] == 3  # no entry for this profile: the run's top level wins
+    out = merge_params(DEFAULTS, None, None, [])
+    assert out == DEFAULTS
+
+
+def test_merge_does_not_alias_inputs():
+    run_params = {"nested": {"x": [5]}}
+    out = merge_params(DEFAULTS, run_params, "quick")
+    out["nested"]["x"].append(6)
+    assert run_params == {"nested": {"x": [5]}}
+    out = merge_params(DEFAULTS, {}, "quick")
+    out["nested"]["x"].append(3)
+    assert DEFAULTS["nested"] == {"x": [1, 2]}
+
+
+def test_unknown_key_names_it_suggests_and_lists():
+    with pytest.raises(ParamsError) as err:
+        merge_params(DEFAULTS, {"lerning_rate": 0.5}, "quick", source="params/x.yaml")
+    msg = str(err.value)
+    assert "params/x.yaml" in msg
+    assert "'lerning_rate'" in msg and "did you mean 'learning_rate'" in msg
+    assert "valid keys: a, b, c, d, e, learning_rate, nested" in msg
+    # the runner's own keys are never set in a params file
+    for key in config.RUNNER_KEYS:
+        with pytest.raises(ParamsError, match=key):
+            merge_params(DEFAULTS, {key: "x"}, "quick")
+    with pytest.raises(ParamsError, match=r"(?s)profiles\.quick.*'zzz'"):
+        merge_params(DEFAULTS, {"profiles": {"quick": {"zzz": 1}}}, "quick")
+    with pytest.raises(ParamsError, match="'quik'.*did you mean 'quick'"):
+        merge_params(DEFAULTS, {"profiles": {"quik": {"a": 1}}}, "quick")
+    with pytest.raises(ParamsError, match="profiles"):
+        merge_params(DEFAULTS, {"profiles": ["quick"]}, "quick")
+
+
+def test_unknown_profile():
+    with pytest.raises(ParamsError) as err:
+        merge_params(DEFAULTS, {}, "medium")
+    assert "'medium'" in str(err.value)
+    for p in config.PROFILES:
+        assert p in str(err.value)
+
+
+def test_check_keys_without_close_match():
+    check_keys(["a"], ["a", "b"], "src")
+    with pytest.raises(ParamsError) as err:
+        check_keys(["qqqq", "a"], ["alpha", "a"], "src")
+    msg = str(err.value)
+    assert "'qqqq'" in msg and "did you mean" not in msg and "valid keys: a, alpha" in msg
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        config.load_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        config.load_yaml(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        config.load_yaml(lst)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing\n")
+    assert config.load_yaml(empty) == {}
+
+
+def test_paths_from_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RLMED_BOOK", str(tmp_path / "book"))
+    monkeypatch.setenv("RLMED_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("RLMED_CACHE", str(tmp_path / "cache"))
+    assert config.book_dir() == (tmp_path / "book").resolve()
+    assert config.results_dir("notebooks/nb.ipynb", "r1") == (tmp_path / "book").resolve() / "results" / "nb" / "r1"
+    assert config.data_root() == (tmp_path / "data").resolve()
+    assert config.data_root(tmp_path / "other") == (tmp_path / "other").resolve()
+    assert config.cache_dir("ck") == tmp_path / "cache" / "ck" and (tmp_path / "cache" / "ck").is_dir()
+    monkeypatch.delenv("RLMED_DATA")
+    assert config.data_root() == Path("~/.medmnist").expanduser()
+    monkeypatch.delenv("RLMED_BOOK")
+    assert config.book_dir() == config.repo_root() / "book"
+    assert (config.repo_root() / "helpers" / "config.py").is_file()
+
+
+# ---- a tiny notebook ------------------------------------------------------------------------
+PARAMS_SRC = """alpha = 1
+name = "x"
+fail = False
+items = [1, 2]
+profile = "smoke"
+run_name = "default"
+results_dir = None"""
+
+BODY_SRC = """import json, pathlib
+if fail:
+    raise ValueError("boom from the notebook")
+pathlib.Path(results_dir, "out.json").write_text(json.dumps(
+    {"alpha": alpha, "name": name, "items": items, "profile": profile, "run_name": run_name}))
+print("alpha is", alpha)"""
+
+
+def make_notebook(path: Path, params_src: str = PARAMS_SRC, body: str = BODY_SRC) -> Path:
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell(params_src)
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# tiny"), cell, nbformat.v4.new_code_cell(body)]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, path)
+    return path
+
+
+def write_params(path: Path, mapping: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(mapping))
+    return path
+
+
+def test_notebook_defaults(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    assert run.notebook_defaults(nb) == {"alpha": 1, "name": "x", "fail": False, "items": [1, 2],
+                                         "profile": "smoke", "run_name": "default", "results_dir": None}
+    with pytest.raises(ParamsError, match="'alpha' must be a literal"):
+        run.notebook_defaults(make_notebook(tmp_path / "expr.ipynb", "import math\nalpha = math.pi"))
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("a = 1")]
+    nbformat.write(nb, tmp_path / "untagged.ipynb")
+    with pytest.raises(ParamsError, match="parameters"):
+        run.notebook_defaults(tmp_path / "untagged.ipynb")
+    with pytest.raises(ParamsError, match="not found"):
+        run.notebook_defaults(tmp_path / "nope.ipynb")
+
+
+def test_resolve_reads_global_profile_and_run_files(tmp_path, monkeypatch):
+    fake_repo = tmp_path / "repo"
+    write_params(fake_repo / "params" / "global.yaml", {"alpha": 10, "name": "global", "not_declared": 1})
+    write_params(fake_repo / "params" / "profiles" / "quick.yaml", {"name": "quick-profile", "items": [9]})
+    monkeypatch.setattr(config, "repo_root", lambda: fake_repo)
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    run_file = write_params(tmp_path / "r.yaml", {"items": [3], "profiles": {"quick": {"alpha": 42}}})
+    out = run.resolve(nb, run_file, "quick")
+    assert out["alpha"] == 42 and out["name"] == "quick-profile" and out["items"] == [3]
+    assert "not_declared" not in out
+    out = run.resolve(nb, run_file, "smoke")  # no smoke.yaml, no profiles.smoke entry
+    assert out["alpha"] == 10 and out["name"] == "global" and out["items"] == [3]
+    assert run.resolve(nb, None, "full")["alpha"] == 10
+    bad = write_params(tmp_path / "bad.yaml", {"alhpa": 1})
+    with pytest.raises(ParamsError) as err:
+        run.resolve(nb, bad, "quick")
+    assert str(bad) in str(err.value) and "did you mean 'alpha'" in str(err.value)
+
+
+# ---- run_notebook end to end ----------------------------------------------------------------------
+@pytest.fixture
+def book(tmp_path, monkeypatch):
+    """RLMED_BOOK in tmp; git is not called (others work in the repository at the same time)."""
+    monkeypatch.setenv("RLMED_BOOK", str(tmp_path / "book"))
+    monkeypatch.setattr(repro, "git_state", lambda root=None: {"commit": "0" * 40, "dirty": False})
+    return tmp_path / "book"
+
+
+def test_run_notebook_end_to_end(tmp_path, book, capsys):
+    nb = make_notebook(tmp_path / "nbs" / "tiny.ipynb")
+    pf = write_params(tmp_path / "params" / "myrun.yaml", {"alpha": 5, "profiles": {"smoke": {"name": "s"}}})
+    record = run.run_notebook(nb, pf, "smoke")
+    executed = book / "runs" / "tiny" / "myrun.ipynb"
+    res_dir = book / "results" / "tiny" / "myrun"
+    assert executed.is_file()
+    assert not executed.with_suffix(".partial.ipynb").exists()
+    assert not executed.with_suffix(".failed.ipynb").exists()
+    out = json.loads((res_dir / "out.json").read_text())
+    assert out == {"alpha": 5, "name": "s", "items": [1, 2], "profile": "smoke", "run_name": "myrun"}
+    params = yaml.safe_load((res_dir / "params.yaml").read_text())
+    assert params["profile"] == "smoke" and params["alpha"] == 5 and params["name"] == "s"
+    prov = json.loads((res_dir / "provenance.json").read_text())
+    assert prov == json.loads(json.dumps(record))
+    assert prov["status"] == "complete" and prov["run_name"] == "myrun" and prov["profile"] == "smoke"
+    assert prov["params_file"] == str(pf) and prov["wall_s"] >= 0
+    assert prov["git"] == {"commit": "0" * 40, "dirty": False}
+    assert prov["versions"]["torch"] and prov["versions"]["python"]
+    assert {"platform", "cpu_count", "cuda"} <= set(prov["device"])
+    # the executed notebook is the page: it holds the cell output and the injected params
+    done = nbformat.read(executed, as_version=4)
+    text = json.dumps([c.get("outputs", []) for c in done.cells])
+    assert "alpha is 5" in text
+    assert any("injected-parameters" in c.metadata.get("tags", []) for c in done.cells)
+
+    # unchanged: skipped, nothing rewritten
+    mtime = executed.stat().st_mtime_ns
+    capsys.readouterr()
+    again = run.run_notebook(nb, pf, "smoke")
+    assert "[skip]" in capsys.readouterr().out
+    assert again == prov and executed.stat().st_mtime_ns == mtime
+
+    # a changed params file runs again
+    write_params(pf, {"alpha": 6})
+    third = run.run_notebook(nb, pf, "smoke")
+    assert third["inputs_sha256"] != prov["inputs_sha256"]
+    assert json.loads((res_dir / "out.json").read_text())["alpha"] == 6
+    assert executed.stat().st_mtime_ns != mtime
+    assert yaml.safe_load((res_dir / "params.yaml").read_text())["alpha"] == 6
+
+
+def test_unknown_key_fails_before_execution(tmp_path, book):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    pf = write_params(tmp_path / "bad.yaml", {"alpah": 3})
+    with pytest.raises(ParamsError, match="did you mean 'alpha'"):
+        run.run_notebook(nb, pf, "smoke")
+    assert not (book / "runs").exists()
+    assert not (book / "results").exists()
+    # the CLI reports it and exits 2
+    assert run.main([str(nb), str(pf), "--profile", "smoke"]) == 2
+
+
+def test_failing_notebook(tmp_path, book):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    pf = write_params(tmp_path / "run1.yaml", {"fail": True})
+    with pytest.raises(run.RunError) as err:
+        run.run_notebook(nb, pf, "smoke")
+    executed = book / "runs" / "tiny" / "run1.ipynb"
+    failed = executed.with_suffix(".failed.ipynb")
+    msg = str(err.value)
+    assert str(failed) in msg and "boom from the notebook" in msg
+    assert failed.is_file() and not executed.exists()
+    assert not executed.with_suffix(".partial.ipynb").exists()
+    prov = json.loads((book / "results" / "tiny" / "run1" / "provenance.json").read_text())
+    assert prov["status"] == "failed" and "boom from the notebook" in prov["error"]
+    assert "ValueError" in prov["error"]
+    # fixed: the next run completes and removes the failed copy
+    write_params(pf, {"fail": False})
+    record = run.run_notebook(nb, pf, "smoke")
+    assert record["status"] == "complete" and executed.is_file() and not failed.exists()
+
+
+def test_inputs_digest_tracks_notebook_and_params(tmp_path):
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    d1 = run.inputs_digest(nb, {"a": 1})
+    assert d1 == run.inputs_digest(nb, {"a": 1})
+    assert d1 != run.inputs_digest(nb, {"a": 2})
+    make_notebook(nb, body=BODY_SRC + "\nprint('changed')")
+    assert d1 != run.inputs_digest(nb, {"a": 1})
+
+
+# ---- Recorder and atomic writes -------------------------------------------------------------
+def _no_temp_files(root: Path):
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
+    target = tmp_path / "sub" / "f.txt"
+    atomic_write_text(target, "old")
+    assert target.read_text() == "old"
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new")
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert _no_temp_files(tmp_path) == []
+
+
+def test_unit_name():
+    assert unit_name(flag="breastmnist", model="cnn", seed=0) == "flag=breastmnist__model=cnn__seed=0"
+    assert unit_name(a="x/y", b="p q") == "a=x-y__b=pq"
+
+
+def test_recorder_round_trip(tmp_path):
+    rec = Recorder(tmp_path / "res")
+    keys1 = {"flag": "breastmnist", "model": "cnn", "seed": 0}
+    keys2 = {"flag": "breastmnist", "model": "cnn", "seed": 1}
+    assert not rec.has_unit(**keys1)
+    assert rec.metrics().empty and rec.histories().empty and rec.units() == []
+    hist = pd.DataFrame({"epoch": [1, 2], "train/loss": [0.9, 0.5]})
+    scores = {"test_scores": np.random.default_rng(0).random((5, 2)), "test_labels": np.arange(5)}
+    rec.save_unit(keys1, {"test/acc": 0.75, "test/auc": np.float64(0.8), "n": np.int64(3)}, history=hist,
+                  scores=scores, extra={"resumed_from": None})
+    rec.save_unit(keys2, {"test/acc": 0.85, "test/auc": 0.9, "n": 3}, history=hist.assign(**{"train/loss": [1.0, 0.4]}))
+    assert rec.has_unit(**keys1) and rec.has_unit(**keys2)
+    unit = rec.load_unit(**keys1)
+    assert unit["keys"] == keys1 and unit["metrics"] == {"test/acc": 0.75, "test/auc": 0.8, "n": 3}
+    assert unit["resumed_from"] is None
+    long = rec.metrics()
+    assert len(long) == 6 and set(long.columns) == {"flag", "model", "seed", "key", "value"}
+    assert long.query("seed == 1 and key == 'test/acc'")["value"].item() == 0.85
+    wide = rec.wide_metrics()
+    assert list(wide["test/auc"]) == [0.8, 0.9]
+    pd.testing.assert_frame_equal(rec.history(**keys1), hist)
+    both = rec.histories()
+    assert len(both) == 4 and list(both["seed"]) == [0, 0, 1, 1]
+    got = rec.scores(**keys1)
+    assert np.array_equal(got["test_scores"], scores["test_scores"])
+    assert np.array_equal(got["test_labels"], scores["test_labels"])
+    assert _no_temp_files(rec.root) == []
+    # a fresh Recorder on the same folder reads the same
+    again = Recorder(rec.root)
+    assert again.units() == rec.units()
+    pd.testing.assert_frame_equal(again.metrics(), long)
+
+
+def test_recorder_unit_json_written_last(tmp_path, monkeypatch):
+    """A unit counts as finished only once its history and scores are on disk."""
+    rec = Recorder(tmp_path)
+    order = []
+    real = results.atomic_write_bytes
+
+    def spy(path, data):
+        order.append(Path(path).parent.name)
+        return real(path, data)
+
+    monkeypatch.setattr(results, "atomic_write_bytes", spy)
+    rec.save_unit({"u": 1}, {"m": 1.0}, history=pd.DataFrame({"epoch": [1]}), scores={"s": np.zeros(2)})
+    assert order.index("units") > order.index("history")
+    assert order.index("units") > order.index("scores")
+
+
+def test_recorder_figures_and_tables(tmp_path):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rec = Recorder(tmp_path)
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    rec.save_figure(fig, "curve")
+    plt.close(fig)
+    assert (tmp_path / "figures" / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert b"<svg" in (tmp_path / "figures" / "curve.svg").read_bytes()[:500]
+    df = pd.DataFrame({"a": [1, 2]})
+    path = rec.save_table(df, "t")
+    pd.testing.assert_frame_equal(pd.read_csv(path), df)
+    assert _no_temp_files(tmp_path) == []
+
+
+def test_write_json_numpy_and_nan(tmp_path):
+    path = results.write_json(tmp_path / "x.json", {"a": np.float32(0.5), "b": np.arange(3), "c": float("nan"),
+                                                    "p": tmp_path})
+    back = results.read_json(path)
+    assert back["a"] == 0.5 and back["b"] == [0, 1, 2] and np.isnan(back["c"]) and back["p"] == str(tmp_path)
+    with pytest.raises(TypeError, match="set"):
+        results.write_json(tmp_path / "y.json", {"s": {1, 2}})
+    assert not (tmp_path / "y.json").exists() and _no_temp_files(tmp_path) == []

@@ -68,7 +68,7 @@ def test_hflip_half_flips_some_and_keeps_others():
 
 
 @pytest.mark.parametrize("spec", [{"rotate": 0, "hflip": 0}, {"scale": [1.0, 1.0]},
-                                  {"translate": 0.0, "erase": 0}])
+                                  {"translate": 0.0, "erase": 0}, {"crop_scale": [1.0, 1.0]}])
 def test_identity_specs_keep_the_image(spec):
     x = torch.stack([_image(seed=i) for i in range(4)])
     out = BatchAugment(spec)(x.clone(), _gen(0))

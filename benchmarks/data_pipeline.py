@@ -1,6 +1,6 @@
 """Data-pipeline benchmark: medmnist + torchvision + DataLoader vs helpers.data + helpers.augment.
 
-Run from the repository root (about a minute on 2 CPU cores with the defaults)::
+Run from the repository root (about 30 s on 2 idle CPU cores with the defaults)::
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/data_pipeline.py
 
@@ -42,7 +42,7 @@ as ``helpers.train.train_one_epoch`` does, and a CUDA synchronize on GPU). With 
 the DataLoader prepares batches in worker processes while the model runs, so *data* is only the
 time the training loop waits for them.
 
-The pipelines run interleaved (``--rounds``, default 5): each round runs a block of ``steps/rounds``
+The pipelines run interleaved (``--rounds``, default 10): each round runs a block of ``steps/rounds``
 timed steps of every pipeline in turn, the order rotating, so that other jobs on a shared machine
 slow all pipelines alike. ``--warmup`` untimed steps open each pipeline's first block; every later
 block opens with ``2 * max(workers) + 1`` untimed steps that use up the batches DataLoader
@@ -93,8 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default="cnn", help="helpers.models name (default cnn)")
     p.add_argument("--steps", type=int, default=150, help="timed optimizer steps per pipeline (default 150)")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before timing (default 5)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="interleave the pipelines in this many blocks of steps (default 5; 1 = one after another)")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="interleave the pipelines in this many blocks of steps (default 10; 1 = one after another)")
     p.add_argument("--workers", type=int, nargs="+", default=[0],
                    help="DataLoader num_workers for (a); several values give one row each (default 0)")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
@@ -289,9 +289,10 @@ def main(argv=None) -> dict:
         "helpers_load_all_splits_md5_s": t_h,
     }
     print("\none-off load (median of 3):")
-    print(f"  medmnist.{type(mm_ds).__name__}(split='train', download=False)       {t_mm * 1e3:8.1f} ms")
-    print(f"  helpers.data.load(flag, root)  [3 splits + MD5 check]  {t_h * 1e3:8.1f} ms")
-    print(f"  helpers.data.load(..., verify=False, splits=('train',)) {t_h_train * 1e3:7.1f} ms")
+    for label, t in ((f"medmnist.{type(mm_ds).__name__}(split='train', download=False)", t_mm),
+                     ("helpers.data.load(flag, root)  [3 splits + MD5 check]", t_h),
+                     ("helpers.data.load(..., verify=False, splits=('train',))", t_h_train)):
+        print(f"  {label:<58} {t * 1e3:8.1f} ms")
 
     # -- training runs ------------------------------------------------------------------------
     multilabel = task.startswith("multi-label")
@@ -331,8 +332,8 @@ def main(argv=None) -> dict:
     print(f"loadavg at end {env['loadavg_end']} (includes this benchmark)")
     busy = float(env["loadavg_start"].split()[0]) if env["loadavg_start"] != "n/a" else 0.0
     if busy > 0.5 * (os.cpu_count() or 1):  # measured before this benchmark's own work
-        print(f"note: 1-min load average {busy:.2f} on {os.cpu_count()} CPUs at start: other jobs shared the "
-              f"CPU, so these timings are slower and noisier than on an idle machine")
+        print(f"note: 1-min load average {busy:.2f} on {os.cpu_count()} CPUs at start (other jobs, or a run "
+              f"just before): timings may be slower and noisier than on an idle machine; see cpu %")
 
     result = {"env": env, "config": {**{k: v for k, v in vars(args).items() if k != "json"},
                                      "data_root": root, "batch": BATCH, "lr": LR, "weight_decay": WEIGHT_DECAY,

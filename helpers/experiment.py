@@ -5,6 +5,8 @@ Every notebook that trains a classifier (baselines, a NAS champion, a fold) goes
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
@@ -12,7 +14,7 @@ import torch
 
 from . import augment as augment_mod
 from . import data as data_mod
-from .config import cache_dir
+from .config import book_dir, cache_dir
 from .models import create_model
 from .repro import resolve_device, seed_everything
 from .results import Recorder, unit_name
@@ -35,6 +37,16 @@ def load_dataset(flag: str, size: int = 28, data_root: str | None = None,
 def fit_config(params: Mapping[str, Any], **overrides: Any) -> FitConfig:
     """The :class:`FitConfig` named by the keys of a notebook's params that ``fit`` understands."""
     return FitConfig.from_params({k: params[k] for k in FIT_KEYS if k in params}, **overrides)
+
+
+def checkpoint_path(recorder: Recorder, unit: str) -> Path:
+    """Cache file of a unit's training checkpoint: ``$RLMED_CACHE/checkpoints/<notebook>/<run>/...``."""
+    root = recorder.root.resolve()
+    try:
+        rel = root.relative_to((book_dir() / "results").resolve())
+    except ValueError:  # a results folder outside the book: key the cache by its path
+        rel = Path("external") / hashlib.sha256(str(root).encode()).hexdigest()[:16]
+    return cache_dir("checkpoints") / rel / f"{unit}.pt"
 
 
 def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, seed: int,
@@ -62,7 +74,7 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
                                    device=dev, weights=weights, seed=seed)
     val_loader = data_mod.TensorLoader(ds["val"], 512, device=dev)
     cw = data_mod.class_weights(train.labels, ds.n_classes) if class_weighting == "balanced" and not ds.multilabel else None
-    ckpt = cache_dir("checkpoints") / recorder.root.parent.name / recorder.root.name / f"{unit_name(**keys)}.pt"
+    ckpt = checkpoint_path(recorder, unit_name(**keys))
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     result = fit(model, loader, val_loader, ds.task, cfg, device=dev, checkpoint=ckpt, hooks=hooks,
                  class_weights=cw, desc=unit_name(**keys))

@@ -11,7 +11,9 @@ the notebook stored. ``<run>`` is the params file's stem. Params are resolved as
 
 A run whose notebook, resolved params and helpers are unchanged since it last finished is not
 redone (``--force`` redoes it). A run that was interrupted or failed is simply started again: the
-notebook skips the units it already stored and ``fit`` resumes from its checkpoint.
+notebook skips the units it already stored and ``fit`` resumes from its checkpoint. Units are
+reused only if made with the same notebook and params; otherwise (or with ``--fresh``) the old
+results folder is moved to ``results/<notebook>/.stale/`` first.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from datetime import datetime, timezone
@@ -67,11 +70,17 @@ def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, 
                                source=str(params_file or "defaults"))
 
 
-def inputs_digest(notebook: Path, params: dict) -> str:
-    """SHA-256 over the notebook, the resolved params and every helpers source file."""
+def params_digest(notebook: Path, params: dict) -> str:
+    """SHA-256 over the notebook and the resolved params: what the stored units were made with."""
     h = hashlib.sha256()
     h.update(notebook.read_bytes())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def inputs_digest(notebook: Path, params: dict) -> str:
+    """SHA-256 over the notebook, the resolved params and every helpers source file."""
+    h = hashlib.sha256(params_digest(notebook, params).encode())
     for src in sorted((config.repo_root() / "helpers").rglob("*.py")):
         h.update(src.relative_to(config.repo_root()).as_posix().encode())
         h.update(src.read_bytes())
@@ -85,9 +94,14 @@ def paths(notebook: str | os.PathLike, run_name: str) -> tuple[Path, Path]:
 
 
 def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | None = None,
-                 profile: str = "quick", *, force: bool = False, run_name: str | None = None,
+                 profile: str = "quick", *, force: bool = False, fresh: bool = False, run_name: str | None = None,
                  log_output: bool = False) -> dict:
-    """Execute one run (or skip it if unchanged and finished); returns its provenance record."""
+    """Execute one run (or skip it if unchanged and finished); returns its provenance record.
+
+    Stored units are reused (resume) only when they were made with the same notebook and params;
+    otherwise, or with ``fresh=True``, the old results folder is moved to ``.stale/`` and the run
+    starts afresh. ``force=True`` re-executes an unchanged run, reusing its units.
+    """
     import papermill
 
     notebook = Path(notebook).resolve()
@@ -95,17 +109,26 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
     params = resolve(notebook, params_file, profile)
     executed, results = paths(notebook, run_name)
     digest = inputs_digest(notebook, params)
+    pdigest = params_digest(notebook, params)
     prov_path = results / "provenance.json"
-    if not force and prov_path.is_file() and executed.is_file():
-        old = read_json(prov_path)
+    old = read_json(prov_path) if prov_path.is_file() else {}
+    if not force and not fresh and executed.is_file():
         if old.get("status") == "complete" and old.get("inputs_sha256") == digest:
             print(f"[skip] {notebook.stem}/{run_name} ({profile}): unchanged since its last finished run")
             return old
+    if results.is_dir() and any(results.iterdir()) and (fresh or old.get("params_sha256") != pdigest):
+        stale = results.parent / ".stale" / f"{run_name}-{(old.get('params_sha256') or 'unknown')[:12]}"
+        shutil.rmtree(stale, ignore_errors=True)
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(results, stale)
+        shutil.rmtree(config.cache_dir("checkpoints") / notebook.stem / run_name, ignore_errors=True)
+        why = "--fresh" if fresh else "its notebook or params changed"
+        print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "params.yaml", yaml.safe_dump({"profile": profile, **params}, sort_keys=False))
     record = {"notebook": str(notebook.relative_to(config.repo_root())) if notebook.is_relative_to(config.repo_root()) else str(notebook),
               "params_file": str(params_file) if params_file else None, "run_name": run_name, "profile": profile,
-              "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "status": "running",
+              "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "params_sha256": pdigest, "status": "running",
               "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
     write_json(prov_path, record)
     injected = {**params, "profile": profile, "run_name": run_name, "results_dir": str(results)}
@@ -154,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebook", help="template notebook, e.g. notebooks/baselines.ipynb")
     parser.add_argument("params", nargs="?", help="params YAML (its stem names the run)")
     parser.add_argument("--profile", default="quick", choices=config.PROFILES)
-    parser.add_argument("--force", action="store_true", help="redo even if unchanged")
+    parser.add_argument("--force", action="store_true", help="re-execute even if unchanged (reuses stored units)")
+    parser.add_argument("--fresh", action="store_true", help="set stored units aside and retrain everything")
     parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     args = parser.parse_args(argv)
     try:
-        run_notebook(args.notebook, args.params, args.profile, force=args.force, log_output=args.log_output)
+        run_notebook(args.notebook, args.params, args.profile, force=args.force, fresh=args.fresh,
+                     log_output=args.log_output)
     except (config.ParamsError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

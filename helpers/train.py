@@ -324,7 +324,8 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
     optimizer = make_optimizer(model, cfg)
     scheduler, per_batch = make_scheduler(optimizer, cfg, len(train_loader))
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.min_epochs, cfg.maximize)
-    signature = repr((asdict(cfg), type(model).__name__, sum(p.numel() for p in model.parameters())))
+    data_shape = (len(train_loader), getattr(train_loader, "num_samples", None), len(val_loader))
+    signature = repr((asdict(cfg), type(model).__name__, sum(p.numel() for p in model.parameters()), data_shape))
     rows: list[dict] = []
     best_state = _cpu_state(model)
     first_epoch, resumed_from, stopped_early = 1, None, False

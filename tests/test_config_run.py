@@ -372,3 +372,27 @@ def test_write_json_numpy_and_nan(tmp_path):
     with pytest.raises(TypeError, match="set"):
         results.write_json(tmp_path / "y.json", {"s": {1, 2}})
     assert not (tmp_path / "y.json").exists() and _no_temp_files(tmp_path) == []
+
+
+def test_stored_units_are_reused_only_for_the_same_params(tmp_path, book, capsys):
+    """Resume reuses units made with the same notebook and params; other params set them aside."""
+    body = """import pathlib
+marker = pathlib.Path(results_dir, "unit.txt")
+if not marker.exists():
+    marker.write_text(str(alpha))
+print("unit made with alpha", marker.read_text())"""
+    nb = make_notebook(tmp_path / "unitnb.ipynb", body=body)
+    pf = write_params(tmp_path / "r.yaml", {"alpha": 1})
+    res = book / "results" / "unitnb" / "r"
+    run.run_notebook(nb, pf, "smoke")
+    run.run_notebook(nb, pf, "smoke", force=True)          # same params: the unit is reused
+    assert (res / "unit.txt").read_text() == "1"
+    write_params(pf, {"alpha": 2})                          # new params: the old unit is set aside
+    capsys.readouterr()
+    run.run_notebook(nb, pf, "smoke")
+    assert "[new ]" in capsys.readouterr().out
+    assert (res / "unit.txt").read_text() == "2"
+    stale = list((book / "results" / "unitnb" / ".stale").glob("r-*/unit.txt"))
+    assert [p.read_text() for p in stale] == ["1"]
+    run.run_notebook(nb, pf, "smoke", fresh=True)           # --fresh retrains with the same params
+    assert (res / "unit.txt").read_text() == "2" and len(list((res.parent / ".stale").iterdir())) == 2

@@ -1,0 +1,259 @@
+"""Tests for helpers.nas_engine: child networks, the plain and fast engines, dropout streams, cache."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import nas_engine as ne
+from helpers.data import Split
+from helpers.models import create_model, is_model
+
+SPACE_F, SPACE_K = (16, 32, 64, 128), (3, 5)
+A = [{"filters": 16, "kernel": 3, "dropout": 0.5}]
+B = [{"filters": 32, "kernel": 5, "dropout": 0.1}]
+C = [{"filters": 24, "kernel": 3, "dropout": 0.0}]
+TWO = [{"filters": 16, "kernel": 5, "dropout": 0.25}, {"filters": 32, "kernel": 3, "dropout": 0.1}]
+kernels_only = pytest.mark.skipif(not ne.kernels_available()[0],
+                                  reason=f"fast-engine kernels unavailable: {ne.kernels_available()[1]}")
+
+
+def _synthetic(n: int, seed: int) -> Split:
+    """Images with flat background (max-pool ties) and bright blobs whose place depends on the label."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 11, (n,), generator=g)
+    img = torch.zeros(n, 1, 28, 28)
+    for i, y in enumerate(labels.tolist()):
+        r, c = 4 + 2 * (y % 4), 4 + 3 * (y // 4)
+        img[i, 0, r:r + 8, c:c + 8] = 120 + 100 * torch.rand(8, 8, generator=g)
+    return Split(img.round().clamp(0, 255).to(torch.uint8), labels)
+
+
+@pytest.fixture(scope="module")
+def splits():
+    """512 train and 256 val images of the real OrganAMNIST when present, else synthetic ones."""
+    root = Path(os.environ.get("RLMED_DATA", "/work/shared/data/medmnist"))
+    if (root / "organamnist.npz").is_file():
+        from helpers.data import load
+        ds = load("organamnist", root=root, download=False)
+        return ds["train"].take(range(512)), ds["val"].take(range(256))
+    return _synthetic(512, 0), _synthetic(256, 1)
+
+
+@pytest.fixture
+def one_thread():
+    """The plain engine on one thread: PyTorch's OpenMP threads crawl on a shared, busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _run(archs, splits, seeds, **kw):
+    kw = {"num_classes": 11, "epochs": 2, "data_seed": 3, **kw}
+    return ne.train_children(archs, splits[0], splits[1], seeds=seeds, **kw)
+
+
+# ------------------------------------------------------------------- architecture and params --
+
+@pytest.mark.parametrize("f", SPACE_F)
+@pytest.mark.parametrize("k", SPACE_K)
+def test_params_formula_one_layer(f, k):
+    arch = [{"filters": f, "kernel": k, "dropout": 0.25}]
+    expected = f * (k ** 2 + 2157) + 11
+    assert ne.child_params(arch, 1, 11, 28) == expected
+    assert sum(p.numel() for p in ne.NASChild(arch).parameters()) == expected
+
+
+@pytest.mark.parametrize("arch,in_chans,classes,size", [(TWO, 1, 11, 28), (TWO, 3, 7, 28), (B, 3, 2, 64)])
+def test_params_match_module(arch, in_chans, classes, size):
+    model = ne.NASChild(arch, in_chans, classes, size)
+    assert ne.child_params(arch, in_chans, classes, size) == sum(p.numel() for p in model.parameters())
+    assert model(torch.zeros(2, in_chans, size, size)).shape == (2, classes)
+
+
+def test_registry_builds_nas_child():
+    assert is_model("nas_child")
+    model = create_model("nas_child", num_classes=11, in_chans=1, arch=TWO, seed=0)
+    assert isinstance(model, ne.NASChild) and model.arch == ne.normalize_arch(TWO)
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 11)
+
+
+@pytest.mark.parametrize("bad", [[], [{"filters": 16, "kernel": 4, "dropout": 0.1}],
+                                 [{"filters": 16, "kernel": 3, "dropout": 1.0}],
+                                 [{"filters": 16, "kernel": 3}], [{"filters": 0, "kernel": 3, "dropout": 0.1}]])
+def test_bad_arch_rejected(bad):
+    with pytest.raises(ValueError):
+        ne.normalize_arch(bad)
+
+
+def test_seeds_decide_init():
+    torch.manual_seed(123)
+    a1 = ne.NASChild(TWO, seed=1).state_dict()
+    torch.manual_seed(999)                      # the global RNG plays no part
+    a2 = ne.NASChild(TWO, seed=1).state_dict()
+    b = ne.NASChild(TWO, seed=2).state_dict()
+    assert all(torch.equal(a1[k], a2[k]) for k in a1)
+    assert all(not torch.equal(a1[k], b[k]) for k in a1)
+
+
+# --------------------------------------------------------------------------- dropout stream --
+
+def test_dropout_stream_deterministic_and_rates():
+    u1, u2 = ne.DropoutStream(7).int16(400_000), ne.DropoutStream(7).int16(400_000)
+    assert torch.equal(u1, u2)
+    assert not torch.equal(u1, ne.DropoutStream(8).int16(400_000))
+    for p in (0.1, 0.25, 0.5):
+        kept = (u1 >= ne.keep_threshold(p)).double().mean().item()
+        assert abs(kept - (1 - p)) < 4e-3
+
+
+def test_dropout_stream_counter_and_numpy_agree():
+    s = ne.DropoutStream(5)
+    first, second = s.int16(10), s.int16(6)              # 3 words, then 2 words
+    words = ne._uniform_words_numpy(s.key, 0, 5)
+    assert torch.equal(torch.cat([first, second]),
+                       torch.from_numpy(np.concatenate([words[:3].view(np.int16)[:10], words[3:].view(np.int16)[:6]])))
+    if ne.kernels_available()[0]:
+        assert np.array_equal(ne._uniform_words(s.key, 12345, 1001), ne._uniform_words_numpy(s.key, 12345, 1001))
+
+
+# -------------------------------------------------------------------------------- kernels --
+
+@kernels_only
+@pytest.mark.parametrize("k,f,p", [(3, 16, 0.5), (5, 32, 0.0), (5, 20, 0.25)])
+def test_fused_layer_matches_torch(k, f, p):
+    """Kernel forward/backward vs conv -> ReLU -> max-pool -> dropout in float64, ties included."""
+    n, nc = 6, 11
+    g = torch.Generator().manual_seed(k * f)
+    x = torch.randn(n, 1, 28, 28, generator=g)
+    x[:, :, :10] = -1.0                               # flat background: all-tie pooling windows
+    x[:, :, 20:, 20:] = 0.5
+    data = ne._Data(Split((x * 0).to(torch.uint8), torch.zeros(n, dtype=torch.long)),
+                    Split((x * 0).to(torch.uint8), torch.zeros(n, dtype=torch.long)), None, torch.device("cpu"))
+    data._norm["train"] = x
+    r = k // 2
+    w = torch.randn(f, 1, k, k, generator=g) * 0.3
+    b = torch.randn(f, generator=g) * 0.1
+    hw = torch.randn(nc, 14, 14, f, generator=g) * 0.05   # head weights in (h, w, c) order
+    stream = ne.DropoutStream(4)
+    idx = torch.tensor([3, 0, 5, 1, 2, 4])
+    st = {"xpad": data.padded("train", r), "idx": idx, "cin": 1, "P": 28 + 2 * r, "off": 0, "k": k, "s2": 14,
+          "key": stream.key}
+    kern = ne._get_kernels()
+    w_t = w.permute(1, 2, 3, 0).reshape(-1, f).contiguous()
+    nb = (f + 15) // 16
+    hwb = ne._to_blocked(hw)   # (NB, nc, Q, 16)
+    acts = torch.empty(nb, n, 196, 16)
+    code = torch.empty(nb, n, 196, 16, dtype=torch.uint8)
+    logits = torch.zeros(n, nc)
+    kern.forward(st, w_t, b, 0, p, acts, code, hwb, logits)
+    # reference
+    xd, wd, bd = x[idx].double(), w.double().requires_grad_(), b.double().requires_grad_()
+    a = F.max_pool2d(F.relu(F.conv2d(xd, wd, bd, padding=r)), 2)
+    if p > 0:
+        u = torch.from_numpy(ne._uniform_words_numpy(stream.key, 0, (n * 196 * f + 3) // 4).view(np.int16)[:n * 196 * f])
+        keep = (u.view(n, 14, 14, f) >= ne.keep_threshold(p)).permute(0, 3, 1, 2)
+        a = torch.where(keep, a * ne._dropout_scale(p), 0.0)
+    a = a.permute(0, 2, 3, 1)
+    ref_logits = a.reshape(n, -1) @ hw.double().reshape(nc, -1).t()
+    torch.testing.assert_close(ne._from_blocked(acts, f, 14).double(), a, rtol=0, atol=1e-5)
+    assert f % 16 == 0 or (acts[-1, ..., f % 16:] == 0).all()   # padded lanes of the last block
+    torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-5, atol=1e-5)
+    dl = torch.randn(n, nc, generator=g)
+    ref_logits.backward(dl.double())
+    for fused in (True, False):
+        dw, db = torch.zeros(2, k * k, f), torch.zeros(2, f)
+        if fused:
+            kern.backward(st, None, dl, hwb, code, p, dw, db)
+        else:
+            d_acts = (dl @ hw.reshape(nc, -1)).reshape(n, 14, 14, f)
+            kern.backward(st, ne._to_blocked(d_acts), None, None, code, p, dw, db)
+        ref_w = wd.grad.permute(1, 2, 3, 0).reshape(-1, f)
+        torch.testing.assert_close(dw.sum(0).double(), ref_w, rtol=1e-5, atol=1e-5 * ref_w.abs().max().item())
+        torch.testing.assert_close(db.sum(0).double(), bd.grad, rtol=1e-5, atol=1e-5 * bd.grad.abs().max().item())
+
+
+# -------------------------------------------------------------------------------- engines --
+
+def test_unknown_engine_and_precision(splits):
+    with pytest.raises(ValueError, match="unknown engine"):
+        _run([A], splits, [0], engine="turbo")
+    with pytest.raises(ValueError, match="unknown precision"):
+        _run([A], splits, [0], precision="fp8")
+    with pytest.raises(ValueError, match="one seed per arch"):
+        _run([A, B], splits, [0])
+
+
+def _assert_same(r1, r2, n_val, loss_tol=1e-4):
+    for x, y in zip(r1, r2):
+        assert abs(x["val_acc"] - y["val_acc"]) <= 1 / n_val + 1e-12, (x["arch"], x["val_acc"], y["val_acc"])
+        np.testing.assert_allclose(x["epoch_losses"], y["epoch_losses"], rtol=loss_tol)
+        assert x["params"] == y["params"]
+
+
+def test_fast_equals_plain(splits, one_thread):
+    archs, seeds = [A, B, C, TWO], [11, 12, 13, 14]
+    plain = _run(archs, splits, seeds, engine="plain")
+    fast = _run(archs, splits, seeds, engine="fast")
+    _assert_same(plain, fast, len(splits[1]))
+    assert sum(x["val_acc"] == y["val_acc"] for x, y in zip(plain, fast)) >= 3   # usually all equal
+    for r in fast:
+        assert set(r) >= {"val_acc", "params", "train_s", "final_train_loss", "cached"} and not r["cached"]
+        assert r["final_train_loss"] == r["epoch_losses"][-1]
+
+
+def test_fast_torch_path_equals_plain(splits, monkeypatch, one_thread):
+    monkeypatch.setattr(ne, "_get_kernels", lambda: None)
+    plain = _run([A, TWO], splits, [21, 22], engine="plain", epochs=1)
+    fast = _run([A, TWO], splits, [21, 22], engine="fast", epochs=1)
+    _assert_same(plain, fast, len(splits[1]))
+
+
+def test_results_independent_of_grouping(splits):
+    alone = _run([B], splits, [31])[0]
+    for workers in (1, 2):
+        group = _run([A, B, TWO], splits, [30, 31, 32], workers=workers)
+        assert group[1]["val_acc"] == alone["val_acc"]
+        assert group[1]["epoch_losses"] == alone["epoch_losses"]
+
+
+def test_seed_and_data_seed_change_results(splits):
+    base = _run([A], splits, [1], epochs=1)[0]
+    other_seed = _run([A], splits, [2], epochs=1)[0]
+    other_order = _run([A], splits, [1], epochs=1, data_seed=4)[0]
+    assert base["epoch_losses"] != other_seed["epoch_losses"]
+    assert base["epoch_losses"] != other_order["epoch_losses"]
+
+
+def test_bf16_runs(splits, one_thread):
+    for engine in ("plain", "fast"):
+        r = _run([A], splits, [1], epochs=1, engine=engine, precision="bf16")[0]
+        assert 0.0 <= r["val_acc"] <= 1.0 and np.isfinite(r["final_train_loss"])
+
+
+# ---------------------------------------------------------------------------------- cache --
+
+def test_cache(splits, tmp_path, monkeypatch):
+    path = tmp_path / "children.jsonl"
+    cache = ne.ChildCache(path)
+    first = _run([A, B], splits, [1, 2], epochs=1, cache=cache)
+    assert not any(r["cached"] for r in first) and len(cache) == 2
+    with open(path, "a") as fh:
+        fh.write('{"key": "broken", "res')               # a writer killed mid-line
+    calls = []
+    monkeypatch.setattr(ne, "_train_fast", lambda *a, **k: calls.append(a) or pytest.fail("should be cached"))
+    again = _run([A, B], splits, [1, 2], epochs=1, cache=ne.ChildCache(path))
+    assert all(r["cached"] for r in again) and not calls
+    assert [r["val_acc"] for r in again] == [r["val_acc"] for r in first]
+    cache.compact()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["key"] for line in lines)
+    monkeypatch.undo()
+    other = _run([A], splits, [1], epochs=2, cache=cache)[0]           # other settings: a miss
+    assert not other["cached"] and len(cache) == 3

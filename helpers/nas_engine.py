@@ -31,33 +31,52 @@ What a child's result depends on -- and nothing else:
 * the training settings (``epochs``, ``batch_size``, ``lr``, ``max_train``, ``precision``) and the data.
 
 Dropout masks: each layer with ``dropout = p > 0`` draws, per training step, one 16-bit uniform
-per activation (in NHWC order) from the child's stream and keeps an activation iff
-``u >= round(p * 65536)``, scaling kept ones by ``1 / (1 - p)`` (as ``nn.Dropout``). The keep
-probability is exact for p = 0.25 and 0.5 and 0.10000610 for p = 0.1 (``nn.Dropout`` uses a float
-threshold, exact to ~1e-7); both engines use this mechanism, so they drop the same activations.
+per activation (in NHWC order) from the child's counter-based stream (splitmix64, see
+:class:`DropoutStream`) and keeps an activation iff ``u >= round(p * 65536)``, scaling kept ones
+by ``1 / (1 - p)`` (as ``nn.Dropout``). The keep probability is exact for p = 0.25 and 0.5 and
+0.10000610 for p = 0.1 (``nn.Dropout`` compares with a float threshold, exact to ~1e-7). Both
+engines use this mechanism, so they drop the same activations. (The stream is far cheaper than
+``bernoulli_``, which costs ~16 % of a plain 128-filter step, so the plain engine is somewhat
+faster than the same loop with ``nn.Dropout``.)
 
-Fast engine (CPU, fp32; measured with ``benchmarks/nas_children.py``):
+Fast engine (CPU, fp32; measured with ``benchmarks/nas_children.py``). One-layer children with
+at most 11 classes (all of the RLMedNAS space) run a hand-written training step in a small C
+library, compiled on first use with the system C compiler (``gcc``/``cc``, AVX-512; ~3 s, cached
+under ``$RLMED_CACHE/nas_kernels``) and called through ``ctypes``:
 
-* The first layer (input channels -> f) runs in two small C kernels compiled on first use with the
-  system C compiler (``gcc``/``cc``, AVX-512; cached under ``$RLMED_CACHE/nas_kernels``):
-  the forward computes the convolution of the four positions of each 2x2 pooling window in
-  registers, takes their maximum (first maximum on ties, as ``MaxPool2d``), adds the bias, applies
-  ReLU and the dropout mask and writes only the pooled activations and a 1-byte code of the
-  winning position; the backward accumulates the weight and bias gradients from that code
-  directly (one vector permute per tap selects the winning input pixel), so the full-size
-  convolution output and its gradient never exist. Work is split over two threads by batch
-  halves (always two halves, so results do not depend on the number of threads).
-* Data are normalised and zero-padded once per call; batches are index lists into them.
-* Dropout randomness comes from numpy's SFC64 generator (~10x cheaper than ``bernoulli_``).
-* Large tensors reuse freed memory (glibc ``mallopt``, restored afterwards) instead of fresh
-  page-faulted mappings.
-* Deeper layers (2-layer archs) use PyTorch ops in channels_last; the head uses its weights in
-  (h, w, c) order, a permutation of the plain child's (c, h, w) weights (exact).
-* Without a C compiler or AVX-512 (or with ``RLMED_NAS_KERNELS=0``) the fast engine uses PyTorch
-  ops for the first layer too (same results within rounding, slower).
+* forward: the convolution of the four positions of every 2x2 pooling window is computed in
+  registers (two windows at a time), then bias, maximum (first maximum on ties, as ``MaxPool2d``),
+  ReLU, the dropout mask (its splitmix64 words computed in the kernel) and the head's logits
+  (accumulated from the registers), writing only the pooled activations and a 1-byte code of the
+  winning position, channel-blocked by 16 so that writes are sequential and a block of head
+  weights stays in L2 while the images stream by. The full-size convolution output never exists.
+* backward: the gradient of each activation is formed from the logits' gradient and the head
+  weights, masked by the code, and the weight/bias gradients are accumulated tap by tap, a
+  two-source vector permute picking each lane's winning input pixel (only 1/4 of the dense
+  convolution's multiply-adds). The full-size gradient never exists either.
+* loss (cross-entropy) and Adam (same formula as ``torch.optim.Adam``) are C loops too; the head's
+  weight gradient is one ``torch.matmul`` per half.
+* threads: PyTorch runs on one thread while the engine trains (its OpenMP threads spin after every
+  small op and stall on a shared machine); the engine uses its own two threads: one child's step is
+  split in two batch halves (always two, so results do not depend on the thread count), or -- when
+  a call has several children (``workers``) -- two children train at once, one per thread.
+* data are normalised and zero-padded once (and kept for the next call on the same splits);
+  batches are index lists into them. Large tensors reuse freed memory (glibc ``mallopt``, restored
+  afterwards) instead of being page-faulted in at every step.
+* children with more layers (or more classes) use autograd: the first layer through the same
+  kernels, deeper layers as PyTorch ops in channels_last, the head with its weights in (h, w, c)
+  order (a permutation of the plain child's (c, h, w) weights: exact).
+* without a C compiler or AVX-512 (or with ``RLMED_NAS_KERNELS=0``) the fast engine uses PyTorch
+  ops for every layer (same results within rounding, slower).
+
+Not used, as they did not pay here: concatenating children along channels into one convolution
+(the kernels' speed does not depend on the channel count, so children only share the data),
+``torch.compile`` of the fused pooling/dropout (inductor emitted scalar loops for the mixed
+int16/uint8/float kernel, slower than eager PyTorch), bf16 autocast (the fp32 kernels are faster
+than mkldnn's bf16 convolution, and fp32 keeps the numbers of the plain engine).
 
 ``precision="bf16"`` runs the PyTorch ops under ``torch.autocast(bfloat16)`` (plain: the whole
-child; fast: uses the PyTorch path for every layer). It changes the numbers; the benchmark
+child; fast: the PyTorch path for every layer). It changes the numbers; the benchmark's ``--bf16``
 reports whether the ranking of architectures holds.
 """
 from __future__ import annotations

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from .repro import resolve_device
 from .rl import advantages, reinforce_loss, rl_metrics, sequential_mask, update_baseline
 from .rl.policies import masked_logits
 
@@ -303,6 +304,7 @@ def make_evaluator(ds, child: Mapping[str, Any], cache_path=None):
     from . import nas_engine
 
     cache = nas_engine.ChildCache(cache_path) if cache_path else None
+    child = {**dict(child), "device": str(resolve_device(child.get("device", "auto")))}
 
     def evaluate(archs, child_seeds, data_seed):
         return nas_engine.train_children(archs, ds["train"], ds["val"], num_classes=ds.n_classes,

@@ -40,21 +40,31 @@ class RunError(RuntimeError):
 
 
 def notebook_defaults(notebook: str | os.PathLike) -> dict:
-    """The literal defaults of the notebook's ``parameters`` cell (papermill's inspection)."""
-    import papermill
+    """The literal defaults of the notebook's ``parameters`` cell (parsed with :mod:`ast`).
 
-    nb = Path(notebook)
-    if not nb.is_file():
-        raise config.ParamsError(f"notebook not found: {nb}")
-    found = papermill.inspect_notebook(str(nb))
-    if not found:
-        raise config.ParamsError(f"{nb} has no cell tagged 'parameters'")
+    papermill's own inspection skips any line holding two ``=`` (e.g. a rule ``"filters == 128"``),
+    so the cell is parsed as Python: every statement must be ``name = <literal>``.
+    """
+    import nbformat
+
+    nb_path = Path(notebook)
+    if not nb_path.is_file():
+        raise config.ParamsError(f"notebook not found: {nb_path}")
+    nb = nbformat.read(nb_path, as_version=4)
+    cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
+    if len(cells) != 1:
+        raise config.ParamsError(f"{nb_path} has {len(cells)} cells tagged 'parameters'; it needs exactly one")
     out = {}
-    for name, meta in found.items():
+    for node in ast.parse(cells[0].source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+            raise config.ParamsError(f"{nb_path}: the parameters cell may hold only 'name = literal' lines, "
+                                     f"got: {ast.unparse(node)}")
+        name = node.targets[0].id
         try:
-            out[name] = ast.literal_eval(meta["default"])
-        except (ValueError, SyntaxError) as exc:
-            raise config.ParamsError(f"{nb}: parameter '{name}' must be a literal, got {meta['default']!r}") from exc
+            out[name] = ast.literal_eval(node.value)
+        except ValueError as exc:
+            raise config.ParamsError(f"{nb_path}: parameter '{name}' must be a literal, got "
+                                     f"{ast.unparse(node.value)!r}") from exc
     return out
 
 

@@ -151,7 +151,12 @@ def test_notebook_defaults(tmp_path):
     assert run.notebook_defaults(nb) == {"alpha": 1, "name": "x", "fail": False, "items": [1, 2],
                                          "profile": "smoke", "run_name": "default", "results_dir": None}
     with pytest.raises(ParamsError, match="'alpha' must be a literal"):
-        run.notebook_defaults(make_notebook(tmp_path / "expr.ipynb", "import math\nalpha = math.pi"))
+        run.notebook_defaults(make_notebook(tmp_path / "expr.ipynb", "alpha = max(1, 2)"))
+    with pytest.raises(ParamsError, match="only 'name = literal'"):
+        run.notebook_defaults(make_notebook(tmp_path / "imp.ipynb", "import math\nalpha = 1"))
+    # strings holding '==' (mask rules) parse, unlike with papermill's line-based inspection
+    rules = make_notebook(tmp_path / "rules.ipynb", 'rules = {"filters == 128": "why, a = b"}\nlam = 1e-06')
+    assert run.notebook_defaults(rules) == {"rules": {"filters == 128": "why, a = b"}, "lam": 1e-06}
     nb = nbformat.v4.new_notebook()
     nb.cells = [nbformat.v4.new_code_cell("a = 1")]
     nbformat.write(nb, tmp_path / "untagged.ipynb")

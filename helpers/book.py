@@ -37,7 +37,12 @@ def planned_runs(book: Path | None = None) -> list[dict]:
 
 
 def ensure_mathjax(static: Path) -> Path:
-    """Put MathJax 3 (es5 build) at ``static/mathjax`` from the npm registry, cached between builds."""
+    """Put MathJax 3 (es5 build) at ``static/mathjax`` from the npm registry, cached between builds.
+
+    ``static`` is ``book/_assets``, the Sphinx static path (served as ``_static/``). Not
+    ``book/_static``: if that exists, Jupyter Book adds every ``.js`` file of the static paths to
+    every page.
+    """
     target = static / "mathjax"
     if (target / "tex-chtml.js").is_file():
         return target
@@ -73,7 +78,7 @@ def execute_runs(profile: str, book: Path | None = None, force: bool = False) ->
 def build_html(book: Path | None = None, strict: bool = False) -> Path:
     """Run ``jupyter-book build`` on the book folder; returns the path of ``index.html``."""
     book = (book or config.book_dir()).resolve()
-    ensure_mathjax(book / "_static")
+    ensure_mathjax(book / "_assets")
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book),
            "--config", str(config.repo_root() / "_config.yml"), "--path-output", str(book)]

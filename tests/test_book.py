@@ -39,7 +39,7 @@ def built_book(tmp_path_factory):
     shared_data = _shared_data()
     tmp = tmp_path_factory.mktemp("book")
     for item in (ROOT / "book").iterdir():
-        if item.suffix in (".md", ".yml") or item.name == "_static":
+        if item.suffix in (".md", ".yml") or item.name == "_assets":
             (shutil.copytree if item.is_dir() else shutil.copy)(item, tmp / item.name)
     env = {"RLMED_BOOK": str(tmp), "RLMED_DATA": str(shared_data),
            "RLMED_CACHE": str(tmp_path_factory.mktemp("cache"))}
@@ -67,6 +67,11 @@ def toc_files(toc: Path) -> list[str]:
     for part in spec.get("parts", []):
         files += [c["file"] for c in part.get("chapters", [])]
     return files
+
+
+def test_no_underscore_static_folder():
+    """Jupyter Book adds every .js under the static paths to each page once book/_static exists."""
+    assert not (ROOT / "book" / "_static").exists()
 
 
 def test_every_toc_run_page_is_made_by_a_planned_run():

@@ -1,12 +1,16 @@
 """NAS child-training benchmark: ``helpers.nas_engine`` plain engine vs fast engine on real OrganAMNIST.
 
-Run from the repository root (about 3-5 minutes on 2 CPU cores with the defaults)::
+Run from the repository root (about 3 minutes on 2 idle CPU cores with the defaults, 4 with
+``--bf16``; much longer when other jobs load the machine, which slows the plain engine most)::
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/nas_children.py
 
     # shorter / longer, numbers to JSON, plus the bf16 ranking check:
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/nas_children.py \\
         --children 12 --epochs 1 --max-train 19200 --bf16 --json /tmp/nas_children.json
+
+    # measure the protocol directly: each of the 24 architectures once, 5 epochs, full train (~2 min)
+    NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/nas_children.py --protocol-check
 
 ``--children`` architectures (default 12) are drawn uniformly with ``--seed`` from the RLMedNAS space
 (filters {16, 32, 64, 128} x kernel {3, 5} x dropout {0.1, 0.25, 0.5}, one layer); child ``i`` gets
@@ -25,20 +29,22 @@ Plain and fast 1/call alternate child by child, so load from other jobs hits bot
 a header (versions, threads, load average), one row per child (params, val accuracy of each engine,
 ms per training step of each), then per engine: children per minute at these settings, the
 projected wall time of the full protocol (300 children x 5 epochs x the full 34,561-image train
-split: per child ``fit_s / steps * 1350 + eval_s``, averaged over the sampled children, and also
-from a least-squares fit of step time on FLOPs averaged over all 24 architectures of the space),
+split; see ``engine_summary``: each child's measured time per step scaled to 1,350 steps plus its
+scoring and overheads, averaged over the sampled children -- "sample" -- and, less noisy, from a
+least-squares fit of time on FLOPs averaged over all 24 architectures of the space -- "space fit"),
 the achieved GFLOP/s (analytic conv + linear FLOPs, forward and backward, training and scoring;
 see ``helpers.nas_engine.child_flops``) beside torch fp32 and bf16 matmul GFLOP/s measured here,
 the fast/plain speed ratio, the largest |val_acc difference| between the engines and the Spearman
 correlation of their val accuracies. ``--bf16`` also trains the children with the plain engine
 under bf16 autocast and reports the Spearman correlation of their val accuracies with fp32.
+``--protocol-check`` instead trains each of the 24 architectures once, 5 epochs on the full train
+split, one child per call, and reports the measured mean time per child times 300.
 ``--json PATH`` writes everything as JSON.
 """
 from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import platform
 import sys
@@ -74,6 +80,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-seed", type=int, default=0, help="data order of every child (default 0)")
     p.add_argument("--bf16", action="store_true", help="also plain bf16 autocast: ranking check vs fp32")
     p.add_argument("--skip-batch", action="store_true", help="skip the 'fast batch' run")
+    p.add_argument("--protocol-check", action="store_true",
+                   help="only: train each of the 24 architectures once with the fast engine, one per call, "
+                        "5 epochs on the full train split, and report the measured protocol time")
     p.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     return p.parse_args(argv)
 
@@ -150,11 +159,38 @@ def engine_summary(name: str, results: list[dict], wall_s: float, epochs: int, b
             "step_ms_fit": {"a_ms": 1e3 * a, "ms_per_gflop": 1e3 * b * 1e9}, "eval_s_mean": float(ev.mean())}
 
 
+def protocol_check(train, val, num_classes: int, data_seed: int) -> dict:
+    """Every architecture of the space once, as the search calls the engine (one child per call)."""
+    archs = [[dict(zip(SPACE, c))] for c in itertools.product(*SPACE.values())]
+    print(f"# protocol check: {len(archs)} architectures x {PROTOCOL_EPOCHS} epochs x {len(train)} train images, "
+          f"fast engine, one child per call; loadavg {loadavg()}")
+    rows, t0 = [], time.perf_counter()
+    for i, arch in enumerate(archs):
+        t1 = time.perf_counter()
+        r = ne.train_children([arch], train, val, num_classes=num_classes, seeds=[2000 + i], data_seed=data_seed + i,
+                              epochs=PROTOCOL_EPOCHS, engine="fast")[0]
+        rows.append({"arch": arch, "wall_s": time.perf_counter() - t1, "val_acc": r["val_acc"], "params": r["params"]})
+        a = arch[0]
+        print(f"  f{a['filters']:<3} k{a['kernel']} d{a['dropout']:<4}  {rows[-1]['wall_s']:6.2f} s  val {r['val_acc']:.4f}")
+    total = time.perf_counter() - t0
+    proto = total / len(archs) * PROTOCOL_CHILDREN / 60
+    print(f"mean {total / len(archs):.2f} s per child -> {PROTOCOL_CHILDREN} children: {proto:.1f} min "
+          f"({'meets' if proto <= PROTOCOL_TARGET_MIN else 'misses'} the {PROTOCOL_TARGET_MIN:.0f}-minute target); "
+          f"loadavg {loadavg()}")
+    return {"children": rows, "total_s": total, "protocol_min": proto, "loadavg_end": loadavg()}
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.manual_seed(0)
     ds = load("organamnist", root=args.data_root)
     train, val = ds["train"], ds["val"]
+    if args.protocol_check:
+        out = protocol_check(train, val, ds.n_classes, args.data_seed)
+        if args.json:
+            from helpers.results import write_json
+            write_json(args.json, out)
+        return out
     max_train = None if args.max_train in (0, None) else args.max_train
     archs = sample_archs(args.children, args.seed)
     seeds = [1000 + i for i in range(args.children)]

@@ -54,12 +54,16 @@ under ``$RLMED_CACHE/nas_kernels``) and called through ``ctypes``:
   weights, masked by the code, and the weight/bias gradients are accumulated tap by tap, a
   two-source vector permute picking each lane's winning input pixel (only 1/4 of the dense
   convolution's multiply-adds). The full-size gradient never exists either.
-* loss (cross-entropy) and Adam (same formula as ``torch.optim.Adam``) are C loops too; the head's
-  weight gradient is one ``torch.matmul`` per half.
-* threads: PyTorch runs on one thread while the engine trains (its OpenMP threads spin after every
-  small op and stall on a shared machine); the engine uses its own two threads: one child's step is
-  split in two batch halves (always two, so results do not depend on the thread count), or -- when
-  a call has several children (``workers``) -- two children train at once, one per thread.
+* loss (cross-entropy), the head's weight gradient (a small matmul over the stored activations)
+  and Adam (the formula of ``torch.optim.Adam``) are C loops too. Inside the kernels denormals are
+  flushed to zero (FTZ/DAZ, restored on return): a confident softmax yields ~1e-40 gradients whose
+  microcode assists otherwise slow every kernel; their contribution is far below float rounding.
+* threads: PyTorch runs on one thread while the engine trains and no PyTorch op runs in the
+  engine's own threads (OpenMP/MKL threads spin after every small op and then steal the cores
+  from the kernels; on a shared machine one descheduled OpenMP thread stalls every op). The
+  engine's two threads split one child's step in two batch halves (always two, so results do not
+  depend on the thread count), or -- when a call has several children (``workers``) -- train two
+  children at once, one per thread.
 * data are normalised and zero-padded once (and kept for the next call on the same splits);
   batches are index lists into them. Large tensors reuse freed memory (glibc ``mallopt``, restored
   afterwards) instead of being page-faulted in at every step.
@@ -96,7 +100,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -107,7 +111,7 @@ from .models import register_model
 
 __all__ = [
     "ENGINES", "PRECISIONS", "normalize_arch", "child_params", "child_flops", "NASChild", "nas_child",
-    "DropoutStream", "keep_threshold", "train_children", "ChildCache", "kernels_available",
+    "DropoutStream", "keep_threshold", "train_children", "ChildCache", "kernels_available", "clear_data_cache",
 ]
 
 ENGINES = ("plain", "fast")
@@ -367,6 +371,12 @@ _C_SOURCE = r"""
 #define MIX2 0x94D049BB133111EBULL
 #define NCMAX 11
 
+/* Denormals (|x| < 1.2e-38, e.g. the softmax of very wrong classes) are flushed to zero inside the
+   kernels (FTZ/DAZ, as many BLAS kernels do): each would cost a ~100-cycle microcode assist, and
+   their contribution is far below float rounding. The caller's floating-point mode is restored. */
+static inline unsigned int ftz_begin(void) { const unsigned int old = _mm_getcsr(); _mm_setcsr(old | 0x8040); return old; }
+static inline void ftz_end(unsigned int old) { _mm_setcsr(old); }
+
 static inline uint64_t mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * MIX1;
     z = (z ^ (z >> 27)) * MIX2;
@@ -533,6 +543,7 @@ void nas_fwd(const float* xpad, const int64_t* idx, int64_t NTOT, int64_t n0, in
     const int T = cin * K * K, nb = (F + 15) / 16;
     float* wp = (float*)aligned_alloc(64, (size_t)nb * T * 16 * sizeof(float));
     if (!wp) return;
+    const unsigned int csr = ftz_begin();
     for (int bb = 0; bb < nb; bb++)
         for (int t = 0; t < T; t++)
             for (int l = 0; l < 16; l++) {
@@ -548,6 +559,7 @@ void nas_fwd(const float* xpad, const int64_t* idx, int64_t NTOT, int64_t n0, in
     default: FWD(K); break;
     }
 #undef FWD
+    ftz_end(csr);
     free(wp);
 }
 
@@ -621,20 +633,51 @@ int nas_bwd(const float* xpad, const int64_t* idx, int64_t NTOT, int64_t n0, int
             const uint8_t* code, float scale, int F, float* dW, float* db)
 {
 #define BWD(KK) bwd_impl(xpad, idx, NTOT, n0, n1, cin, P, off, KK, S2, dA, dl, hw, nc, code, scale, F, dW, db)
+    const unsigned int csr = ftz_begin();
+    int bad = 0;
     switch (K) {
-    case 1: BWD(1); return 0;
-    case 3: BWD(3); return 0;
-    case 5: BWD(5); return 0;
-    case 7: BWD(7); return 0;
-    default: return 1;
+    case 1: BWD(1); break;
+    case 3: BWD(3); break;
+    case 5: BWD(5); break;
+    case 7: BWD(7); break;
+    default: bad = 1;
     }
+    ftz_end(csr);
+    return bad;
 #undef BWD
+}
+
+/* Head weight gradient dhw (NB, nc, QJ) = dl^T (nc, NTOT) @ acts (NB, NTOT, QJ) for blocks
+   [b0, b1) and columns [j0, j1) (multiples of 16); sums over the batch rows in order. */
+void nas_head_grad(const float* dl, const float* acts, int64_t NTOT, int nc, int64_t QJ,
+                   int64_t b0, int64_t b1, int64_t j0, int64_t j1, float* dhw)
+{
+    const unsigned int csr = ftz_begin();
+    for (int64_t b = b0; b < b1; b++) {
+        for (int64_t j = j0; j < j1; j += 16) {
+            __m512 acc[NCMAX];
+#pragma GCC unroll 11
+            for (int o = 0; o < NCMAX; o++) acc[o] = _mm512_setzero_ps();
+            const float* a = acts + b * NTOT * QJ + j;
+            for (int64_t n = 0; n < NTOT; n++) {
+                const __m512 v = _mm512_loadu_ps(a + n * QJ);
+#pragma GCC unroll 11
+                for (int o = 0; o < NCMAX; o++)
+                    if (o < nc) acc[o] = _mm512_fmadd_ps(_mm512_set1_ps(dl[n * nc + o]), v, acc[o]);
+            }
+#pragma GCC unroll 11
+            for (int o = 0; o < NCMAX; o++)
+                if (o < nc) _mm512_storeu_ps(dhw + (b * nc + o) * QJ + j, acc[o]);
+        }
+    }
+    ftz_end(csr);
 }
 
 /* Mean cross-entropy of logits (n, nc) + bias (added in place) and labels y: returns the loss;
    dl = (softmax - onehot) / n (the gradient of the mean loss); db = column sums of dl. */
 double nas_cross_entropy(float* logits, const float* bias, const int64_t* y, int64_t n, int nc, float* dl, float* db)
 {
+    const unsigned int csr = ftz_begin();
     double total = 0.0;
     for (int o = 0; o < nc; o++) db[o] = 0.0f;
     for (int64_t i = 0; i < n; i++) {
@@ -652,6 +695,7 @@ double nas_cross_entropy(float* logits, const float* bias, const int64_t* y, int
             db[o] += g;
         }
     }
+    ftz_end(csr);
     return total / (double)n;
 }
 
@@ -660,6 +704,7 @@ double nas_cross_entropy(float* logits, const float* bias, const int64_t* y, int
 void nas_adam(float* p, const float* g0, const float* g1, float* m, float* v, int64_t n,
               float b1, float b2, float eps, float step_size, float bc2_sqrt)
 {
+    const unsigned int csr = ftz_begin();
     const float w1 = 1.0f - b1, w2 = 1.0f - b2;
     for (int64_t i = 0; i < n; i++) {
         const float g = g1 ? g0[i] + g1[i] : g0[i];
@@ -669,10 +714,11 @@ void nas_adam(float* p, const float* g0, const float* g1, float* m, float* v, in
         v[i] = vi;
         p[i] -= step_size * (mi / (sqrtf(vi) / bc2_sqrt + eps));
     }
+    ftz_end(csr);
 }
 """
 
-_KERNEL_SIZES = (1, 3, 5, 7)
+_KERNEL_SIZES = (1, 3, 5, 7)   # specialised in the C source; other sizes use the PyTorch path
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-fno-math-errno", "-shared",
            "-fPIC"]
 _REQUIRED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "fma")
@@ -709,6 +755,8 @@ class _Kernels:
         lib.nas_cross_entropy.restype = ctypes.c_double
         lib.nas_adam.argtypes = [P, P, P, P, P, I64, Fl, Fl, Fl, Fl, Fl]
         lib.nas_adam.restype = None
+        lib.nas_head_grad.argtypes = [P, P, I64, I, I64, I64, I64, I64, I64, P]
+        lib.nas_head_grad.restype = None
         self.lib = lib
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="nas_kernel")
         self.threads = 2
@@ -729,11 +777,6 @@ class _Kernels:
         else:
             for cut in cuts:
                 fn(*make_args(*cut))
-
-    def parallel(self, fns, n: int) -> None:
-        """Run ``fn(a, e)`` for each fn on both halves ``[0, n//2)``, ``[n//2, n)`` (two threads)."""
-        for fn in fns:
-            self._halves(fn, n, lambda h, a, e: (a, e))
 
     def parallel2(self, f0, f1) -> None:
         """Run ``f0()`` and ``f1()``, in two threads when allowed."""
@@ -768,8 +811,12 @@ class _Kernels:
 
     def backward(self, st, dA, dl, hw, code, p, dw_parts, db_parts) -> None:
         _check_contiguous(st["xpad"], st["idx"], dA, dl, hw, code, dw_parts, db_parts)
-        self._halves(self.lib.nas_bwd, len(st["idx"]), lambda h, a, e: self.bwd_args(
+        self._halves(self.bwd, len(st["idx"]), lambda h, a, e: self.bwd_args(
             h, a, e, st, dA, dl, hw, code, p, dw_parts, db_parts))
+
+    def bwd(self, *args) -> None:
+        if self.lib.nas_bwd(*args) != 0:
+            raise ValueError(f"NAS kernels support kernel sizes {_KERNEL_SIZES}")
 
 
 def _no_grad_call(fn, *args):
@@ -967,6 +1014,12 @@ class _Data:
         return [torch.randperm(self.n_train, generator=gen) for _ in range(epochs)]
 
 
+def clear_data_cache() -> None:
+    """Drop the fast engine's kept copy of the last splits (normalised and padded images)."""
+    with _Data._last_lock:
+        _Data._last = None
+
+
 def _train_plain(arch, seed, data: _Data, cfg: dict) -> dict:
     """One child, the straightforward way."""
     device = data.device
@@ -1041,35 +1094,6 @@ class _FusedFirstLayer(torch.autograd.Function):
         return dw_parts[0] + dw_parts[1], db_parts[0] + db_parts[1], None, None, None
 
 
-class _SplitLinear(torch.autograd.Function):
-    """``F.linear`` whose matmuls are split in two halves run on the kernels' two threads."""
-
-    @staticmethod
-    def forward(ctx, x, w, b, kernels):
-        out = torch.empty(x.shape[0], w.shape[0], dtype=x.dtype)
-        kernels.parallel([lambda a, e: torch.addmm(b, x[a:e], w.t(), out=out[a:e])], x.shape[0])
-        ctx.save_for_backward(x, w)
-        ctx.kernels = kernels
-        return out
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        g = g.contiguous()
-        n, d = x.shape
-        dx = torch.empty_like(x)
-        parts: list = [None, None]
-        half = d // 2
-
-        def part(h):
-            a, e = (0, n // 2) if h == 0 else (n // 2, n)
-            torch.mm(g[a:e], w, out=dx[a:e])
-            parts[h] = g.t() @ (x[:, :half] if h == 0 else x[:, half:])
-
-        ctx.kernels.parallel2(lambda: part(0), lambda: part(1))
-        return dx, torch.cat(parts, 1), g.sum(0), None
-
-
 class _KernelAdam:
     """``torch.optim.Adam`` (betas 0.9, 0.999, eps 1e-8, no weight decay) in the C library."""
 
@@ -1102,7 +1126,8 @@ class _FastChild:
     def __init__(self, arch, seed, cfg, data: _Data, kernels: _Kernels | None):
         ref = NASChild(arch, cfg["in_chans"], cfg["num_classes"], cfg["image_size"], seed=seed)
         self.arch, self.cfg, self.data = ref.arch, cfg, data
-        self.kernels = kernels if cfg["precision"] == "fp32" and data.device.type == "cpu" else None
+        usable = cfg["precision"] == "fp32" and data.device.type == "cpu" and ref.arch[0]["kernel"] in _KERNEL_SIZES
+        self.kernels = kernels if usable else None
         self.stream = DropoutStream(seed)
         self.sides = _sides(self.arch, cfg["image_size"])
         self.nc = cfg["num_classes"]
@@ -1165,20 +1190,18 @@ class _FastChild:
                                          dl.data_ptr(), buf["dhb"].data_ptr())
             buf["dw"].zero_()
             buf["db"].zero_()
-            dlt = dl.t().contiguous()
-            # the head's weight gradient block by block, (nc, N) @ (N, Q*16); halves of the blocks
-            # (of the columns when there is one block) run beside the two halves of the kernel
+            # the head's weight gradient (nc, N) @ (N, Q*16) per channel block, in C beside the two
+            # halves of the backward kernel: halves of the blocks, or of the columns for one block
+            qj = q * 16
             if nb > 1:
-                parts = ((slice(0, nb // 2), slice(None)), (slice(nb // 2, nb), slice(None)))
+                parts = ((0, nb // 2, 0, qj), (nb // 2, nb, 0, qj))
             else:
-                parts = ((slice(None), slice(0, q * 8)), (slice(None), slice(q * 8, q * 16)))
-            dhw3 = dhw.view(nb, nc, q * 16)
+                parts = ((0, 1, 0, (q // 2) * 16), (0, 1, (q // 2) * 16, qj))
 
             def half(h):
                 a, e = (0, n // 2) if h == 0 else (n // 2, n)
-                lib.nas_bwd(*kern.bwd_args(h, a, e, st, None, dl, self.head_w, code, p, buf["dw"], buf["db"]))
-                blk, cols = parts[h]
-                torch.matmul(dlt, acts[blk, :, cols], out=dhw3[blk, :, cols])
+                kern.bwd(*kern.bwd_args(h, a, e, st, None, dl, self.head_w, code, p, buf["dw"], buf["db"]))
+                lib.nas_head_grad(dl.data_ptr(), acts.data_ptr(), n, nc, qj, *parts[h], dhw.data_ptr())
 
             _check_contiguous(st["xpad"], idx, self.head_w, code, acts, dhw)
             kern.parallel2(lambda: half(0), lambda: half(1))
@@ -1218,8 +1241,6 @@ class _FastChild:
                 u = self.stream.int16(n * s2 * s2 * f).to(x.device).view(n, s2, s2, f).permute(0, 3, 1, 2)
                 x = torch.where(u >= keep_threshold(p), x * _dropout_scale(p), 0.0)
         feats = x.permute(0, 2, 3, 1).reshape(n, -1)          # (h, w, c) order
-        if self.kernels is not None:
-            return _SplitLinear.apply(feats, self.head_w, self.head_b, self.kernels)
         return F.linear(feats, self.head_w, self.head_b)
 
     def train_step(self, idx: torch.Tensor, y: torch.Tensor, opt) -> float | torch.Tensor:

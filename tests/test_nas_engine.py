@@ -126,24 +126,24 @@ def test_dropout_stream_counter_and_numpy_agree():
 # -------------------------------------------------------------------------------- kernels --
 
 @kernels_only
-@pytest.mark.parametrize("k,f,p", [(3, 16, 0.5), (5, 32, 0.0), (5, 20, 0.25)])
-def test_fused_layer_matches_torch(k, f, p):
+@pytest.mark.parametrize("k,f,p,cin", [(3, 16, 0.5, 1), (5, 32, 0.0, 1), (5, 20, 0.25, 1), (3, 16, 0.1, 3)])
+def test_fused_layer_matches_torch(k, f, p, cin):
     """Kernel forward/backward vs conv -> ReLU -> max-pool -> dropout in float64, ties included."""
     n, nc = 6, 11
     g = torch.Generator().manual_seed(k * f)
-    x = torch.randn(n, 1, 28, 28, generator=g)
+    x = torch.randn(n, cin, 28, 28, generator=g)
     x[:, :, :10] = -1.0                               # flat background: all-tie pooling windows
     x[:, :, 20:, 20:] = 0.5
     data = ne._Data(Split((x * 0).to(torch.uint8), torch.zeros(n, dtype=torch.long)),
                     Split((x * 0).to(torch.uint8), torch.zeros(n, dtype=torch.long)), None, torch.device("cpu"))
     data._norm["train"] = x
     r = k // 2
-    w = torch.randn(f, 1, k, k, generator=g) * 0.3
+    w = torch.randn(f, cin, k, k, generator=g) * 0.3
     b = torch.randn(f, generator=g) * 0.1
     hw = torch.randn(nc, 14, 14, f, generator=g) * 0.05   # head weights in (h, w, c) order
     stream = ne.DropoutStream(4)
     idx = torch.tensor([3, 0, 5, 1, 2, 4])
-    st = {"xpad": data.padded("train", r), "idx": idx, "cin": 1, "P": 28 + 2 * r, "off": 0, "k": k, "s2": 14,
+    st = {"xpad": data.padded("train", r), "idx": idx, "cin": cin, "P": 28 + 2 * r, "off": 0, "k": k, "s2": 14,
           "key": stream.key}
     kern = ne._get_kernels()
     w_t = w.permute(1, 2, 3, 0).reshape(-1, f).contiguous()
@@ -168,7 +168,7 @@ def test_fused_layer_matches_torch(k, f, p):
     dl = torch.randn(n, nc, generator=g)
     ref_logits.backward(dl.double())
     for fused in (True, False):
-        dw, db = torch.zeros(2, k * k, f), torch.zeros(2, f)
+        dw, db = torch.zeros(2, cin * k * k, f), torch.zeros(2, f)
         if fused:
             kern.backward(st, None, dl, hwb, code, p, dw, db)
         else:
@@ -206,6 +206,17 @@ def test_fast_equals_plain(splits, one_thread):
     for r in fast:
         assert set(r) >= {"val_acc", "params", "train_s", "final_train_loss", "cached"} and not r["cached"]
         assert r["final_train_loss"] == r["epoch_losses"][-1]
+
+
+def test_fast_equals_plain_rgb(one_thread):
+    g = torch.Generator().manual_seed(0)
+    mk = lambda n: Split(torch.randint(0, 256, (n, 3, 28, 28), dtype=torch.uint8, generator=g),
+                         torch.randint(0, 7, (n,), generator=g))
+    rgb = (mk(256), mk(128))
+    kw = dict(num_classes=7, epochs=1, data_seed=0)
+    plain = ne.train_children([B], *rgb, seeds=[5], engine="plain", **kw)
+    fast = ne.train_children([B], *rgb, seeds=[5], engine="fast", **kw)
+    _assert_same(plain, fast, 128)
 
 
 def test_fast_torch_path_equals_plain(splits, monkeypatch, one_thread):

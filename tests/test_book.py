@@ -23,7 +23,7 @@ from helpers import config
 from helpers.run import run_notebook
 
 ROOT = config.repo_root()
-pytestmark = pytest.mark.slow
+
 
 
 def _shared_data() -> Path:
@@ -94,6 +94,7 @@ def test_templates_are_clean_with_one_parameters_cell():
         assert len(tagged) == 1, nb_path
 
 
+@pytest.mark.slow
 def test_runs_store_results_and_provenance(built_book):
     root = built_book["root"]
     for record in built_book["records"]:
@@ -110,12 +111,14 @@ def test_runs_store_results_and_provenance(built_book):
     assert (base / "figures" / "learning_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_unchanged_run_is_not_redone(built_book):
     first = built_book["records"][0]
     again = run_notebook(ROOT / first["notebook"], ROOT / first["params_file"], "smoke")
     assert again["started_utc"] == first["started_utc"]
 
 
+@pytest.mark.slow
 def test_pages_have_tables_and_figures(built_book):
     html = built_book["index"].parent
     for name in ("baselines", "nas"):
@@ -146,6 +149,7 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
+@pytest.mark.slow
 def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
@@ -185,3 +189,22 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
             page.close()
         browser.close()
     assert not problems, "\n".join(problems)
+
+
+def _notebook_for(params_file: Path) -> Path:
+    """Params files are named after their notebook: ``nas.yaml``, ``nas_reference.yaml`` -> nas."""
+    names = sorted((p.stem for p in (ROOT / "notebooks").glob("*.ipynb")), key=len, reverse=True)
+    stem = params_file.stem
+    match = next((n for n in names if stem == n or stem.startswith(n + "_")), None)
+    assert match, f"{params_file.name} names no notebook (expected <notebook>.yaml or <notebook>_<run>.yaml)"
+    return ROOT / "notebooks" / f"{match}.ipynb"
+
+
+@pytest.mark.parametrize("params_file", sorted((ROOT / "params").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_params_file_resolves_on_every_profile(params_file):
+    if params_file.name == "global.yaml":
+        return
+    from helpers.run import resolve
+    for profile in config.PROFILES:
+        resolved = resolve(_notebook_for(params_file), params_file, profile)
+        assert resolved  # unknown keys would have raised ParamsError naming them

@@ -21,6 +21,7 @@ import argparse
 import ast
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -33,6 +34,20 @@ import yaml
 from . import config
 from .repro import provenance
 from .results import atomic_write_text, read_json, write_json
+
+
+class _PapermillParamNoise(logging.Filter):
+    """Drop papermill's line-based parameter warnings: it cannot parse a line with two '=' (a
+    rule such as ``"filters == 128"``) and then calls that parameter unknown. Params are
+    validated here instead (:func:`notebook_defaults`, :func:`helpers.config.check_keys`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Unable to parse line") or msg.startswith("Passed unknown parameter"))
+
+
+for _name in ("papermill", "papermill.translators", "papermill.parameterize"):
+    logging.getLogger(_name).addFilter(_PapermillParamNoise())
 
 
 class RunError(RuntimeError):

@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 import torch.nn as nn
 
+from . import nas_engine  # registers the "nas_child" model, which champions are built from
 from .repro import resolve_device
 from .rl import advantages, reinforce_loss, rl_metrics, sequential_mask, update_baseline
 from .rl.policies import masked_logits
@@ -301,8 +302,6 @@ def make_evaluator(ds, child: Mapping[str, Any], cache_path=None):
     engine, precision, device). With ``cache_path`` results are cached by (architecture, seed,
     settings) and marked ``cached``; runs that opt in say so on their page.
     """
-    from . import nas_engine
-
     cache = nas_engine.ChildCache(cache_path) if cache_path else None
     child = {**dict(child), "device": str(resolve_device(child.get("device", "auto")))}
 

@@ -1119,7 +1119,7 @@ class _FastChild:
 
     One-layer children with at most ``_NCMAX`` classes run a hand-written step: the forward kernel
     also accumulates the head's logits, the backward kernel takes the logits' gradient and the head
-    weights directly, and the head's weight gradient is one matmul split over the two threads.
+    weights directly; loss, the head's weight gradient and Adam are C loops too (no autograd).
     Other children use autograd over the first-layer kernel (when available) and PyTorch ops.
     """
 
@@ -1246,14 +1246,12 @@ class _FastChild:
     def train_step(self, idx: torch.Tensor, y: torch.Tensor, opt) -> float | torch.Tensor:
         if self.fused:
             return self._fused_step(idx, y)
-        else:
-            with _autocast(self.cfg["precision"], self.data.device):
-                loss = F.cross_entropy(self.forward(idx, "train", True), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            loss = loss.detach()
+        with _autocast(self.cfg["precision"], self.data.device):
+            loss = F.cross_entropy(self.forward(idx, "train", True), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
         opt.step()
-        return loss
+        return loss.detach()
 
 
 def _train_fast(arch, seed, data: _Data, cfg: dict, kernels: _Kernels | None) -> dict:

@@ -366,3 +366,33 @@ def describe_comparison(last: pd.DataFrame, best: pd.DataFrame, alpha: float = 0
         lines.append(f"- With {int(last['n_seeds'].max())} seeds these tests have little power: read the "
                      "differences and their spread, not only the p-values.")
     return "\n".join(lines)
+
+
+def retrain_champions(recorder, ds, episodes: pd.DataFrame, cfg, *, batch_size: int = 128,
+                      device: str = "auto") -> pd.DataFrame:
+    """Retrain the champion of every (strategy, seed) with the shared ``fit`` and test it once.
+
+    Units are stored under ``<run>/champions`` (a finished one is not retrained); returns one row
+    per champion with its val and test metrics.
+    """
+    from .experiment import train_and_test
+    from .results import Recorder
+
+    champ_rec = Recorder(recorder.root / "champions")
+    for _, row in champions(episodes).iterrows():
+        train_and_test(champ_rec, ds, "nas_child", int(row["seed"]), cfg, batch_size=batch_size,
+                       model_kwargs={"arch": arch_from_key(row["arch"])}, device=device,
+                       unit={"strategy": row["strategy"], "seed": int(row["seed"]), "arch": row["arch"]})
+    return champ_rec.wide_metrics()
+
+
+def champions_beside_baselines(champ: pd.DataFrame, baselines: pd.DataFrame, flag: str) -> pd.DataFrame:
+    """Test ACC/AUC (mean ± std over seeds) of the champions, then the baselines page's models on ``flag``."""
+    from .experiment import summary_table
+
+    cols = ["params", "test/acc", "test/auc"]
+    table = summary_table(champ, ["strategy"], cols)
+    if len(baselines):
+        base = baselines[baselines["flag"] == flag].assign(strategy=lambda d: "baseline: " + d["model"])
+        table = pd.concat([table, summary_table(base, ["strategy"], cols)], ignore_index=True)
+    return table

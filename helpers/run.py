@@ -205,10 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="re-execute even if unchanged (reuses stored units)")
     parser.add_argument("--fresh", action="store_true", help="set stored units aside and retrain everything")
     parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
+    parser.add_argument("--name", help="run name (default: the params file's stem); results go to "
+                                       "book/results/<notebook>/<name>/")
     args = parser.parse_args(argv)
     try:
         run_notebook(args.notebook, args.params, args.profile, force=args.force, fresh=args.fresh,
-                     log_output=args.log_output)
+                     run_name=args.name, log_output=args.log_output)
     except (config.ParamsError, RunError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@ Usage::
 
     python -m helpers.book --profile quick          # runs (skipping unchanged ones) + HTML
     python -m helpers.book --no-runs                # HTML from the runs already on disk
+    python -m helpers.book --on-demand              # also the long runs marked ``on_demand``
 
 Notebooks are executed once, by papermill; jupyter-book only renders them (``execute_notebooks:
 "off"``), so pages and stored results never disagree. MathJax is served from the book itself
@@ -21,19 +22,62 @@ import tempfile
 import time
 from pathlib import Path
 
+import nbformat
 import yaml
 
 from . import config
-from .run import RunError, run_notebook
+from .results import atomic_write_text, read_json
+from .run import RunError, command_for, run_notebook
 
 MATHJAX_VERSION = "3.2.2"
 
 
 def planned_runs(book: Path | None = None) -> list[dict]:
-    """The runs the book is made of: ``[{notebook, params, always?}, ...]`` from ``book/_runs.yml``."""
+    """The runs the book is made of, from ``book/_runs.yml``.
+
+    Each entry: ``notebook``, ``params`` and optionally ``name`` (default: the params file's stem),
+    ``profile`` (pinned; default: the book's profile), ``always`` (re-execute on every build) and
+    ``on_demand`` (a run too long for the default build; its value says what it costs). Each
+    returned entry carries its resolved ``name``.
+    """
     book = book or config.book_dir()
     spec = yaml.safe_load((book / "_runs.yml").read_text()) or {}
-    return spec.get("runs", [])
+    runs = []
+    for entry in spec.get("runs", []):
+        unknown = set(entry) - {"notebook", "params", "name", "profile", "always", "on_demand", "title"}
+        if unknown:
+            raise config.ParamsError(f"{book / '_runs.yml'}: unknown key(s) {sorted(unknown)} in the entry for "
+                                     f"{entry.get('notebook')}. Fix: use notebook, params, name, profile, always, "
+                                     f"on_demand or title.")
+        default = Path(entry["params"]).stem if entry.get("params") else "default"
+        runs.append({**entry, "name": entry.get("name") or default})
+    return runs
+
+
+def page_path(entry: dict, book: Path | None = None) -> Path:
+    """The executed notebook (the page) of a planned run."""
+    return (book or config.book_dir()) / "runs" / Path(entry["notebook"]).stem / f"{entry['name']}.ipynb"
+
+
+def is_placeholder(page: Path) -> bool:
+    """True for a page written by :func:`write_placeholder` (no run behind it yet)."""
+    return page.is_file() and bool(nbformat.read(page, as_version=4).metadata.get("rlmed", {}).get("placeholder"))
+
+
+def write_placeholder(entry: dict, book: Path | None = None) -> Path:
+    """A page for an on-demand run that has not been made yet: says so, and gives the command."""
+    page = page_path(entry, book)
+    cmd = command_for({"notebook": entry["notebook"], "params_file": entry.get("params"), "run_name": entry["name"],
+                       "profile": entry.get("profile", "quick")})
+    title = entry.get("title") or f"{Path(entry['notebook']).stem}: {entry['name']}"
+    text = (f"# {title}\n\n```{{admonition}} Not run yet\n:class: warning\n"
+            f"This page shows a run too long for the default build ({entry['on_demand']}), and it has not been "
+            f"made on this machine. Make it with\n\n    {cmd}\n\nand rebuild the book (`make book`); "
+            f"finished runs are kept from then on. Nothing on this page is a result.\n```")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)], metadata={"rlmed": {"placeholder": True}})
+    page.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(page, nbformat.writes(nb))
+    return page
 
 
 def ensure_mathjax(static: Path) -> Path:
@@ -65,13 +109,31 @@ def ensure_mathjax(static: Path) -> Path:
     return target
 
 
-def execute_runs(profile: str, book: Path | None = None, force: bool = False) -> list[dict]:
-    """Execute the planned runs in order; a failure stops the build with the runner's message."""
+def execute_runs(profile: str, book: Path | None = None, force: bool = False, on_demand: bool = False) -> list[dict]:
+    """Execute the planned runs in order; a failure stops the build with the runner's message.
+
+    An ``on_demand`` run is executed only with ``on_demand=True``. Otherwise its finished page is
+    kept as it is (its banner names the commit and profile it was made with), and where there is
+    none, a placeholder page gives the command. Returns the records of the runs executed or kept.
+    """
     records = []
     for entry in planned_runs(book):
         nb = config.repo_root() / entry["notebook"]
         params = config.repo_root() / entry["params"] if entry.get("params") else None
-        records.append(run_notebook(nb, params, profile, force=force or entry.get("always", False)))
+        if entry.get("on_demand") and not on_demand:
+            prov = (book or config.book_dir()) / "results" / nb.stem / entry["name"] / "provenance.json"
+            record = read_json(prov) if prov.is_file() else {}
+            if record.get("status") == "complete" and page_path(entry, book).is_file() \
+                    and not is_placeholder(page_path(entry, book)):
+                print(f"[kept] {nb.stem}/{entry['name']} ({record.get('profile')}): on demand, made "
+                      f"{record.get('started_utc')}")
+                records.append(record)
+            else:
+                print(f"[todo] {nb.stem}/{entry['name']}: on demand ({entry['on_demand']}); placeholder page "
+                      f"{write_placeholder(entry, book)}")
+            continue
+        records.append(run_notebook(nb, params, entry.get("profile", profile), run_name=entry["name"],
+                                    force=force or entry.get("always", False)))
     return records
 
 
@@ -96,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-runs", action="store_true", help="render what is on disk, execute nothing")
     parser.add_argument("--force", action="store_true", help="re-execute every run")
     parser.add_argument("--strict", action="store_true", help="warnings are errors")
+    parser.add_argument("--on-demand", action="store_true",
+                        help="also execute the long runs marked on_demand in book/_runs.yml")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         if not args.no_runs:
-            execute_runs(args.profile, force=args.force)
+            execute_runs(args.profile, force=args.force, on_demand=args.on_demand)
         index = build_html(strict=args.strict)
     except (config.ParamsError, RunError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -118,6 +118,51 @@ def paths(notebook: str | os.PathLike, run_name: str) -> tuple[Path, Path]:
     return config.book_dir() / "runs" / stem / f"{run_name}.ipynb", config.results_dir(stem, run_name)
 
 
+def _rel(path: str | os.PathLike | None) -> str | None:
+    """``path`` relative to the repository when it lies inside it (records stay portable)."""
+    if path is None:
+        return None
+    path = Path(path).resolve()
+    return str(path.relative_to(config.repo_root())) if path.is_relative_to(config.repo_root()) else str(path)
+
+
+def command_for(record: dict) -> str:
+    """The shell command that re-makes the run described by a provenance ``record``."""
+    cmd = ["python -m helpers.run", record["notebook"]]
+    if record.get("params_file"):
+        cmd.append(record["params_file"])
+    cmd.append(f"--profile {record['profile']}")
+    default_name = Path(record["params_file"]).stem if record.get("params_file") else "default"
+    if record["run_name"] != default_name:
+        cmd.append(f"--name {record['run_name']}")
+    return " ".join(cmd)
+
+
+def banner(record: dict) -> str:
+    """Markdown for the top of an executed page: which run made it, how, and how to make it again."""
+    seeds = record.get("seeds")
+    seeds = ", ".join(map(str, seeds)) if isinstance(seeds, (list, tuple)) else seeds
+    git = record.get("git") or {}
+    commit = f"`{str(git.get('commit'))[:7]}`" + (" (uncommitted changes)" if git.get("dirty") else "")
+    device = record.get("device") or {}
+    where = "a CUDA GPU" if device.get("cuda") else f"{device.get('cpu_count', '?')} CPU cores"
+    return (f"```{{admonition}} This run\n:class: note\n"
+            f"Run **{record['run_name']}** of `{record['notebook']}`, profile **{record['profile']}**, seeds {seeds}; "
+            f"commit {commit}; started {record.get('started_utc', '?')} on {where}, took {record.get('wall_s', 0):.0f} s. Params, provenance and raw "
+            f"results: `book/results/{Path(record['notebook']).stem}/{record['run_name']}/`. Make it again with\n\n"
+            f"    {command_for(record)}\n```")
+
+
+def _add_banner(path: Path, record: dict) -> None:
+    """Insert :func:`banner` after the executed notebook's first (title) cell, in place."""
+    import nbformat
+
+    nb = nbformat.read(path, as_version=4)
+    cell = nbformat.v4.new_markdown_cell(banner(record), metadata={"tags": ["run-banner"]})
+    nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
+    nbformat.write(nb, path)
+
+
 def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | None = None,
                  profile: str = "quick", *, force: bool = False, fresh: bool = False, run_name: str | None = None,
                  log_output: bool = False) -> dict:
@@ -151,8 +196,7 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "params.yaml", yaml.safe_dump({"profile": profile, **params}, sort_keys=False))
-    record = {"notebook": str(notebook.relative_to(config.repo_root())) if notebook.is_relative_to(config.repo_root()) else str(notebook),
-              "params_file": str(params_file) if params_file else None, "run_name": run_name, "profile": profile,
+    record = {"notebook": _rel(notebook), "params_file": _rel(params_file), "run_name": run_name, "profile": profile,
               "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "params_sha256": pdigest, "status": "running",
               "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
     write_json(prov_path, record)
@@ -182,9 +226,10 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
             os.environ.pop("RLMED_PROGRESS", None)
         else:
             os.environ["RLMED_PROGRESS"] = env_before
+    record.update(status="complete", wall_s=round(time.perf_counter() - start, 2))
+    _add_banner(partial, record)
     os.replace(partial, executed)
     executed.with_suffix(".failed.ipynb").unlink(missing_ok=True)
-    record.update(status="complete", wall_s=round(time.perf_counter() - start, 2))
     write_json(prov_path, record)
     print(f"[done] {notebook.stem}/{run_name} in {record['wall_s']:.0f} s", flush=True)
     return record

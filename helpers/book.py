@@ -70,10 +70,10 @@ def write_placeholder(entry: dict, book: Path | None = None) -> Path:
     cmd = command_for({"notebook": entry["notebook"], "params_file": entry.get("params"), "run_name": entry["name"],
                        "profile": entry.get("profile", "quick")})
     title = entry.get("title") or f"{Path(entry['notebook']).stem}: {entry['name']}"
-    text = (f"# {title}\n\n```{{admonition}} Not run yet\n:class: warning\n"
+    text = (f"# {title}\n\n````{{admonition}} Not run yet\n:class: warning\n"
             f"This page shows a run too long for the default build ({entry['on_demand']}), and it has not been "
-            f"made on this machine. Make it with\n\n    {cmd}\n\nand rebuild the book (`make book`); "
-            f"finished runs are kept from then on. Nothing on this page is a result.\n```")
+            f"made on this machine. Make it with\n\n```bash\n{cmd}\n```\n\nand rebuild the book (`make book`); "
+            f"finished runs are kept from then on. Nothing on this page is a result.\n````")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell(text)], metadata={"rlmed": {"placeholder": True}})
     page.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(page, nbformat.writes(nb))

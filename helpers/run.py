@@ -146,11 +146,11 @@ def banner(record: dict) -> str:
     commit = f"`{str(git.get('commit'))[:7]}`" + (" (uncommitted changes)" if git.get("dirty") else "")
     device = record.get("device") or {}
     where = "a CUDA GPU" if device.get("cuda") else f"{device.get('cpu_count', '?')} CPU cores"
-    return (f"```{{admonition}} This run\n:class: note\n"
+    return (f"````{{admonition}} This run\n:class: note\n"
             f"Run **{record['run_name']}** of `{record['notebook']}`, profile **{record['profile']}**, seeds {seeds}; "
             f"commit {commit}; started {record.get('started_utc', '?')} on {where}, took {record.get('wall_s', 0):.0f} s. Params, provenance and raw "
             f"results: `book/results/{Path(record['notebook']).stem}/{record['run_name']}/`. Make it again with\n\n"
-            f"    {command_for(record)}\n```")
+            f"```bash\n{command_for(record)}\n```\n````")
 
 
 def _add_banner(path: Path, record: dict) -> None:

@@ -8,7 +8,7 @@ RLMED_DATA ?= $(if $(wildcard ../shared/data/medmnist/*.npz),$(abspath ../shared
 export RLMED_DATA
 export NO_ALBUMENTATIONS_UPDATE := 1
 
-.PHONY: setup book test test-fast browser lab clean-book
+.PHONY: setup book book-all test test-fast browser lab clean-book
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,10 @@ browser:
 
 book: setup
 	$(PY) -m helpers.book --profile $(PROFILE)
+
+# Also the long runs marked on_demand in book/_runs.yml (hours on a 2-core CPU).
+book-all: setup
+	$(PY) -m helpers.book --profile $(PROFILE) --on-demand
 
 test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider

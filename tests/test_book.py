@@ -64,8 +64,14 @@ def toc_files(toc: Path) -> list[str]:
     """Every page of the table of contents (root first)."""
     spec = yaml.safe_load(toc.read_text())
     files = [spec["root"]]
+
+    def walk(entries):
+        for entry in entries:
+            files.append(entry["file"])
+            walk(entry.get("sections", []))
+
     for part in spec.get("parts", []):
-        files += [c["file"] for c in part.get("chapters", [])]
+        walk(part.get("chapters", []))
     return files
 
 
@@ -75,7 +81,7 @@ def test_no_underscore_static_folder():
 
 
 def test_every_toc_run_page_is_made_by_a_planned_run():
-    planned = {f"runs/{Path(r['notebook']).stem}/{Path(r['params']).stem}" for r in book_mod.planned_runs(ROOT / "book")}
+    planned = {f"runs/{Path(r['notebook']).stem}/{r['name']}" for r in book_mod.planned_runs(ROOT / "book")}
     pages = {f for f in toc_files(ROOT / "book" / "_toc.yml") if f.startswith("runs/")}
     assert pages == planned
 
@@ -109,6 +115,15 @@ def test_runs_store_results_and_provenance(built_book):
     assert len(units) >= 6  # 3 flags x 1 model x 2 seeds on smoke
     assert list((base / "scores").glob("*.npz")) and (base / "metrics.csv").is_file()
     assert (base / "figures" / "learning_curves.png").is_file()
+
+
+@pytest.mark.slow
+def test_executed_pages_open_with_their_run_box(built_book):
+    for record in built_book["records"]:
+        nb = json.loads((built_book["root"] / "runs" / Path(record["notebook"]).stem / f"{record['run_name']}.ipynb").read_text())
+        box = nb["cells"][1]
+        assert "run-banner" in box["metadata"]["tags"] and record["run_name"] in "".join(box["source"])
+        assert "--profile smoke" in "".join(box["source"])
 
 
 @pytest.mark.slow
@@ -174,7 +189,10 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
             title = page.locator("h1").first.inner_text()
             if not title.strip():
                 problems.append(f"{name}: no title")
-            if name.startswith("runs/"):
+            placeholder = name.startswith("runs/") and book_mod.is_placeholder(built_book["root"] / f"{name}.ipynb")
+            if placeholder and "python -m helpers.run" not in page.locator("article").inner_text():
+                problems.append(f"{name}: placeholder page without the command that makes it")
+            if name.startswith("runs/") and not placeholder:
                 want_tables, want_figs = FIGURES_AND_TABLES.get(name.split("/")[1], (1, 0))
                 if page.locator("table").count() < want_tables:
                     problems.append(f"{name}: expected {want_tables}+ tables")

@@ -16,21 +16,27 @@ sns.set_theme(style="whitegrid", context="notebook")
 
 def learning_curves(histories: pd.DataFrame, metrics: Sequence[str] = ("train/loss", "val/loss", "val/auc"),
                     hue: str = "model", col: str = "flag", x: str = "epoch") -> plt.Figure:
-    """One row per metric, one column per ``col`` value; mean over seeds with a ±1 sd band."""
+    """One row per metric, one column per ``col`` value; mean over seeds with a ±1 sd band.
+
+    Without a ``col`` column in ``histories`` the metrics are laid side by side in one row.
+    """
     cols = list(dict.fromkeys(histories[col])) if col in histories else [None]
     metrics = [m for m in metrics if m in histories]
-    fig, axes = plt.subplots(len(metrics), len(cols), figsize=(4.2 * len(cols), 2.8 * len(metrics)),
-                             squeeze=False, sharex="col")
+    side_by_side = cols == [None]
+    rows, ncols = (1, len(metrics)) if side_by_side else (len(metrics), len(cols))
+    fig, axes = plt.subplots(rows, ncols, figsize=(4.2 * ncols, 2.8 * rows + (0.4 if side_by_side else 0)),
+                             squeeze=False, sharex=True if side_by_side else "col")
     for j, c in enumerate(cols):
         sub = histories if c is None else histories[histories[col] == c]
         for i, m in enumerate(metrics):
-            ax = axes[i][j]
-            sns.lineplot(data=sub, x=x, y=m, hue=hue if hue in sub else None, errorbar="sd", ax=ax,
-                         legend=(i == 0 and j == len(cols) - 1))
+            ax = axes[0][i] if side_by_side else axes[i][j]
+            last = (i == len(metrics) - 1) if side_by_side else (i == 0 and j == len(cols) - 1)
+            sns.lineplot(data=sub, x=x, y=m, hue=hue if hue in sub else None, errorbar="sd", ax=ax, legend=last)
             ax.set_title(f"{c}" if i == 0 and c is not None else "")
             ax.set_ylabel(m)
-    if axes[0][-1].get_legend() is not None:
-        sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1))
+    legend_ax = axes[0][-1]
+    if legend_ax.get_legend() is not None:
+        sns.move_legend(legend_ax, "upper left", bbox_to_anchor=(1.02, 1))
     fig.tight_layout()
     return fig
 

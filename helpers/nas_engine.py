@@ -224,6 +224,28 @@ def _uniform_words_numpy(key: int, ctr: int, nwords: int) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
+def _signed64(c: int) -> int:
+    """The int64 with the same bits as the uint64 ``c``."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _uniform_words_torch(key: int, ctr: int, nwords: int, device: str | torch.device) -> torch.Tensor:
+    """:func:`_uniform_words_numpy` computed by PyTorch on ``device`` (an int64 tensor, same bits).
+
+    Used when children train on a GPU, so dropout masks are made where they are used rather than
+    on the host and copied every step. int64 products wrap like uint64 ones; right shifts are made
+    logical by masking off the sign-extended bits.
+    """
+    def shr(z: torch.Tensor, k: int) -> torch.Tensor:
+        return (z >> k) & ((1 << (64 - k)) - 1)
+
+    i = torch.arange(ctr + 1, ctr + nwords + 1, dtype=torch.int64, device=device)
+    z = i * _signed64(_GOLDEN) + _signed64(key)
+    z = (z ^ shr(z, 30)) * _signed64(_MIX1)
+    z = (z ^ shr(z, 27)) * _signed64(_MIX2)
+    return z ^ shr(z, 31)
+
+
 def _uniform_words(key: int, ctr: int, nwords: int) -> np.ndarray:
     kernels = _get_kernels()
     if kernels is None:
@@ -255,9 +277,15 @@ class DropoutStream:
         self.counter += (n + 3) // 4
         return start
 
-    def int16(self, n: int) -> torch.Tensor:
-        """The next ``n`` uniform int16 values (a CPU tensor)."""
+    def int16(self, n: int, device: str | torch.device | None = None) -> torch.Tensor:
+        """The next ``n`` uniform int16 values, on ``device`` (default: the CPU).
+
+        On a GPU the words are computed there (:func:`_uniform_words_torch`); the values are the
+        same bits on every device.
+        """
         nwords = (n + 3) // 4
+        if device is not None and torch.device(device).type != "cpu":
+            return _uniform_words_torch(self.key, self.take(n), nwords, device).view(torch.int16)[:n]
         words = _uniform_words(self.key, self.take(n), nwords)
         return torch.from_numpy(words.view(np.int16)[:n])
 
@@ -276,7 +304,7 @@ class ChildDropout(nn.Module):
         if self.stream is None:
             return F.dropout(x, self.p, True)
         n, c, h, w = x.shape
-        u = self.stream.int16(n * h * w * c).to(x.device).view(n, h, w, c).permute(0, 3, 1, 2)
+        u = self.stream.int16(n * h * w * c, x.device).view(n, h, w, c).permute(0, 3, 1, 2)
         return torch.where(u >= keep_threshold(self.p), x * _dropout_scale(self.p), 0.0)
 
     def extra_repr(self) -> str:
@@ -1238,7 +1266,7 @@ class _FastChild:
             x = F.conv2d(x, self.conv_w[i], self.conv_b[i], padding=k // 2)
             x = F.relu(F.max_pool2d(x, 2))
             if draw:
-                u = self.stream.int16(n * s2 * s2 * f).to(x.device).view(n, s2, s2, f).permute(0, 3, 1, 2)
+                u = self.stream.int16(n * s2 * s2 * f, x.device).view(n, s2, s2, f).permute(0, 3, 1, 2)
                 x = torch.where(u >= keep_threshold(p), x * _dropout_scale(p), 0.0)
         feats = x.permute(0, 2, 3, 1).reshape(n, -1)          # (h, w, c) order
         return F.linear(feats, self.head_w, self.head_b)
@@ -1258,7 +1286,7 @@ def _train_fast(arch, seed, data: _Data, cfg: dict, kernels: _Kernels | None) ->
     device = data.device
     child = _FastChild(arch, seed, cfg, data, kernels)
     opt = None if child.fused else torch.optim.Adam(child.params, lr=cfg["lr"],
-                                                    fused=True if device.type == "cpu" else None)
+                                                    fused=True if device.type in ("cpu", "cuda") else None)
     bs = cfg["batch_size"]
     steps = data.n_train // bs
     epoch_losses = []

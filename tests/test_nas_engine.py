@@ -123,6 +123,23 @@ def test_dropout_stream_counter_and_numpy_agree():
         assert np.array_equal(ne._uniform_words(s.key, 12345, 1001), ne._uniform_words_numpy(s.key, 12345, 1001))
 
 
+@pytest.mark.parametrize("seed,ctr", [(0, 0), (5, 12345), (2**31 - 1, 2**40 + 7)])
+def test_dropout_words_torch_match_numpy_bit_for_bit(seed, ctr):
+    """The on-device generator (used on a GPU; here run by PyTorch on the CPU) gives the same bits."""
+    key = ne.DropoutStream(seed).key
+    mine = ne._uniform_words_torch(key, ctr, 4099, "cpu").numpy().view(np.uint64)
+    assert np.array_equal(mine, ne._uniform_words_numpy(key, ctr, 4099))
+
+
+def test_dropout_stream_same_values_on_any_device_path():
+    n = 1001
+    host = ne.DropoutStream(3).int16(n)
+    words = ne._uniform_words_torch(ne.DropoutStream(3).key, 0, (n + 3) // 4, "cpu")
+    assert torch.equal(words.view(torch.int16)[:n], host)
+    if torch.cuda.is_available():
+        assert torch.equal(ne.DropoutStream(3).int16(n, "cuda").cpu(), host)
+
+
 # -------------------------------------------------------------------------------- kernels --
 
 @kernels_only

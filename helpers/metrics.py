@@ -324,11 +324,14 @@ def format_mean_std(mean: float, std: float, digits: int = 3) -> str:
 
     When ``std`` is ``nan``/``None`` (a single run, ``ddof=1``) the std is
     shown as an en dash: ``"0.935 ± –"``. A ``nan`` mean is shown as ``"nan"``.
+    Counts of 1,000 and more (parameters, images) are shown whole with thousands separators:
+    ``format_mean_std(52846.8, 1203.4) == "52,847 ± 1,203"``.
     """
     if mean is None or math.isnan(float(mean)):
-        m = "nan"
+        m, fmt = "nan", f".{digits}f"
     else:
-        m = f"{float(mean):.{digits}f}"
+        fmt = ",.0f" if abs(float(mean)) >= 1000 else f".{digits}f"
+        m = f"{float(mean):{fmt}}"
     if std is None or math.isnan(float(std)):
         return f"{m} ± –"
-    return f"{m} ± {float(std):.{digits}f}"
+    return f"{m} ± {float(std):{fmt}}"

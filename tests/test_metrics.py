@@ -184,3 +184,6 @@ def test_format_mean_std():
     assert format_mean_std(0.93512, 0.00412, digits=2) == "0.94 ± 0.00"
     assert format_mean_std(0.935, float("nan")) == "0.935 ± –"
     assert format_mean_std(np.float32(0.5), None) == "0.500 ± –"
+    assert format_mean_std(52846.84, 1203.4) == "52,847 ± 1,203"
+    assert format_mean_std(34667.0, float("nan")) == "34,667 ± –"
+    assert format_mean_std(999.5, 2.0) == "999.500 ± 2.000"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import platform
 import random
@@ -81,3 +82,18 @@ def device_info() -> dict:
 def provenance() -> dict:
     """Git state, package versions and device, for ``provenance.json``."""
     return {"git": git_state(), "versions": package_versions(), "device": device_info()}
+
+
+def run_environment(results_dir: str | os.PathLike | None = None) -> dict:
+    """The environment a run was made in, for the end of its page.
+
+    Under the runner, ``results_dir`` holds the run's ``provenance.json``, written when the run
+    started: its git commit, versions and device are what the code ran with (the checkout may
+    have moved on while a long run was executing). Without one (a notebook opened by hand), the
+    current :func:`provenance`.
+    """
+    path = Path(results_dir) / "provenance.json" if results_dir else None
+    if path is not None and path.is_file():
+        record = json.loads(path.read_text())
+        return {k: record[k] for k in ("git", "versions", "device") if k in record}
+    return provenance()

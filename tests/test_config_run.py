@@ -401,3 +401,14 @@ print("unit made with alpha", marker.read_text())"""
     assert [p.read_text() for p in stale] == ["1"]
     run.run_notebook(nb, pf, "smoke", fresh=True)           # --fresh retrains with the same params
     assert (res / "unit.txt").read_text() == "2" and len(list((res.parent / ".stale").iterdir())) == 2
+
+
+def test_run_environment_is_the_runs_own_record_not_the_checkout_now(tmp_path):
+    from helpers.repro import provenance, run_environment
+    record = {"git": {"commit": "a" * 40, "dirty": False}, "versions": {"torch": "0.0"}, "device": {"cuda": True},
+              "status": "complete"}
+    (tmp_path / "provenance.json").write_text(json.dumps(record))
+    assert run_environment(tmp_path) == {k: record[k] for k in ("git", "versions", "device")}
+    now = run_environment(None)
+    assert set(now) == {"git", "versions", "device"} and now["versions"] == provenance()["versions"]
+    assert run_environment(tmp_path / "missing")["git"] == now["git"]

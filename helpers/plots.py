@@ -75,6 +75,7 @@ def reward_curves(df: pd.DataFrame, x: str = "episode", y: str = "rl/reward", hu
     sns.lineplot(data=df, x=x, y=y, hue=hue, errorbar=None, alpha=0.25, ax=ax, legend=False)
     sns.lineplot(data=df, x=x, y="moving_avg", hue=hue, errorbar="sd", ax=ax)
     ax.set_ylabel(f"{y} (moving average over {window})")
+    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1))   # beside the curves, not over them
     fig.tight_layout()
     return fig
 

@@ -68,4 +68,6 @@ def test_reward_curves_moving_average_is_drawn_per_strategy():
     fig = plots.reward_curves(df, window=2)
     ax = fig.axes[0]
     assert "moving average over 2" in ax.get_ylabel()
-    assert {t.get_text() for t in ax.get_legend().get_texts()} == {"rl", "random"}
+    legend = ax.get_legend()
+    assert {t.get_text() for t in legend.get_texts()} == {"rl", "random"}
+    assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1   # outside the plotting area

@@ -204,6 +204,12 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
                 page.evaluate("() => MathJax.startup.promise")
                 if page.locator("mjx-container").count() == 0:
                     problems.append("intro: MathJax did not typeset the formula")
+            if page.evaluate("() => !!(window.MathJax && MathJax.startup && MathJax.startup.promise)"):
+                page.evaluate("() => MathJax.startup.promise")
+                # TeX that MathJax shows literally (e.g. \_ inside \text{}) leaves a backslash in the output
+                literal = page.evaluate("() => Array.from(document.querySelectorAll('mjx-assistive-mml'))"
+                                        ".map(e => e.textContent).filter(t => t.includes('\\\\'))")
+                problems += [f"{name}: formula shown with a literal backslash: {t!r}" for t in literal]
             if name.startswith("runs/"):
                 page.screenshot(path=str(tmp_path / f"{name.split('/')[1]}.png"), full_page=False)
             problems += [f"{name}: {e}" for e in errors]

@@ -78,6 +78,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from benchmarks.common import loadavg, sync  # noqa: E402
+from helpers.repro import resolve_device  # noqa: E402
+
 BATCH = 128
 LR = 1e-3
 WEIGHT_DECAY = 1e-4  # helpers.train.FitConfig.weight_decay
@@ -104,18 +107,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA (fit's amp=True default)")
     p.add_argument("--json", metavar="PATH", help="also write the numbers to this JSON file")
     return p.parse_args(argv)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
 
 
 def timed(fn, repeats: int = 3) -> tuple[float, object]:
@@ -251,7 +242,7 @@ def main(argv=None) -> dict:
     import helpers.data as hdata
     from helpers.augment import make_augment
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     root = str(Path(args.data_root).expanduser().resolve())
     meta = hdata.info(args.flag)
     n_classes, in_chans, task = len(meta["label"]), meta["n_channels"], meta["task"]

@@ -63,8 +63,10 @@ if str(REPO) not in sys.path:  # run as a script from a checkout without install
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import device_name, loadavg, sync  # noqa: E402
 from helpers import nas_engine as ne  # noqa: E402
 from helpers.data import load  # noqa: E402
+from helpers.repro import resolve_device  # noqa: E402
 
 SPACE = {"filters": [16, 32, 64, 128], "kernel": [3, 5], "dropout": [0.1, 0.25, 0.5]}
 PROTOCOL_CHILDREN, PROTOCOL_EPOCHS, PROTOCOL_TARGET_MIN, PROTOCOL_TARGET_GPU_MIN = 300, 5, 40.0, 3.0
@@ -93,36 +95,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
-
-
 def sample_archs(n: int, seed: int) -> list[list[dict]]:
     space = list(itertools.product(*SPACE.values()))
     rng = np.random.default_rng(seed)
     return [[dict(zip(SPACE, space[i]))] for i in rng.integers(len(space), size=n)]
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device visible to PyTorch. Fix: run on a GPU machine or use --device cpu")
-    return torch.device(name)
+def matmul_size(device: torch.device) -> int:
+    """Side of the square matmul that measures the device's peak (large enough to fill a GPU)."""
+    return 8192 if device.type == "cuda" else 2048
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), n: int = 2048,
-                  repeats: int = 5) -> float:
-    if device.type == "cuda":
-        n = 8192
+def matmul_gflops(dtype: torch.dtype, device: torch.device = torch.device("cpu"), repeats: int = 5) -> float:
+    n = matmul_size(device)
     a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
     a @ b
     sync(device)
@@ -208,10 +193,6 @@ def protocol_check(train, val, num_classes: int, data_seed: int, device: torch.d
     return {"children": rows, "total_s": total, "protocol_min": proto, "loadavg_end": loadavg()}
 
 
-def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = resolve_device(args.device)
@@ -283,7 +264,7 @@ def main(argv=None) -> dict:
     for s in summaries:
         print(f"{s['engine']:<12} {s['children_per_min']:>12.2f} {s['gflops']:>8.1f} {s['ms_per_step_mean']:>8.2f} "
               f"{s['protocol_min_sample']:>21.1f} {s['protocol_min_space_fit']:>24.1f}")
-    print(f"torch matmul {'8192' if device.type == 'cuda' else '2048'} square on {device_name(device)}: fp32 {mm32:.1f} GFLOP/s, bf16 {mm16:.1f} GFLOP/s "
+    print(f"torch matmul {matmul_size(device)} square on {device_name(device)}: fp32 {mm32:.1f} GFLOP/s, bf16 {mm16:.1f} GFLOP/s "
           f"(threads={torch.get_num_threads()})")
     ratio = summaries[1]["children_per_min"] / summaries[0]["children_per_min"]
     diffs = [abs(p["val_acc"] - f["val_acc"]) for p, f in zip(plain, fast1)]

@@ -27,7 +27,7 @@ import yaml
 
 from . import config
 from .results import atomic_write_text, read_json
-from .run import RunError, command_for, run_notebook
+from .run import RunError, command_for, paths, run_notebook
 
 MATHJAX_VERSION = "3.2.2"
 
@@ -54,21 +54,17 @@ def planned_runs(book: Path | None = None) -> list[dict]:
     return runs
 
 
-def page_path(entry: dict, book: Path | None = None) -> Path:
-    """The executed notebook (the page) of a planned run."""
-    return (book or config.book_dir()) / "runs" / Path(entry["notebook"]).stem / f"{entry['name']}.ipynb"
-
-
 def is_placeholder(page: Path) -> bool:
     """True for a page written by :func:`write_placeholder` (no run behind it yet)."""
     return page.is_file() and bool(nbformat.read(page, as_version=4).metadata.get("rlmed", {}).get("placeholder"))
 
 
-def write_placeholder(entry: dict, book: Path | None = None) -> Path:
-    """A page for an on-demand run that has not been made yet: says so, and gives the command."""
-    page = page_path(entry, book)
+def write_placeholder(entry: dict, profile: str, book: Path | None = None) -> Path:
+    """A page for an on-demand run that has not been made yet: says so, and gives the command
+    (with the entry's pinned profile, else ``profile``, the book's)."""
+    page, _ = paths(entry["notebook"], entry["name"], book)
     cmd = command_for({"notebook": entry["notebook"], "params_file": entry.get("params"), "run_name": entry["name"],
-                       "profile": entry.get("profile", "quick")})
+                       "profile": entry.get("profile", profile)})
     title = entry.get("title") or f"{Path(entry['notebook']).stem}: {entry['name']}"
     text = (f"# {title}\n\n````{{admonition}} Not run yet\n:class: warning\n"
             f"This page shows a run too long for the default build ({entry['on_demand']}), and it has not been "
@@ -121,16 +117,16 @@ def execute_runs(profile: str, book: Path | None = None, force: bool = False, on
         nb = config.repo_root() / entry["notebook"]
         params = config.repo_root() / entry["params"] if entry.get("params") else None
         if entry.get("on_demand") and not on_demand:
-            prov = (book or config.book_dir()) / "results" / nb.stem / entry["name"] / "provenance.json"
+            page, results = paths(nb, entry["name"], book)
+            prov = results / "provenance.json"
             record = read_json(prov) if prov.is_file() else {}
-            if record.get("status") == "complete" and page_path(entry, book).is_file() \
-                    and not is_placeholder(page_path(entry, book)):
+            if record.get("status") == "complete" and page.is_file() and not is_placeholder(page):
                 print(f"[kept] {nb.stem}/{entry['name']} ({record.get('profile')}): on demand, made "
                       f"{record.get('started_utc')}")
                 records.append(record)
             else:
                 print(f"[todo] {nb.stem}/{entry['name']}: on demand ({entry['on_demand']}); placeholder page "
-                      f"{write_placeholder(entry, book)}")
+                      f"{write_placeholder(entry, profile, book)}")
             continue
         records.append(run_notebook(nb, params, entry.get("profile", profile), run_name=entry["name"],
                                     force=force or entry.get("always", False)))

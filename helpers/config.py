@@ -63,11 +63,13 @@ def book_dir() -> Path:
     return Path(env).expanduser().resolve() if env else repo_root() / "book"
 
 
-def results_dir(notebook: str, run_name: str, override: str | os.PathLike | None = None) -> Path:
-    """Deterministic results folder of a run: ``<book>/results/<notebook>/<run_name>``."""
+def results_dir(notebook: str, run_name: str, override: str | os.PathLike | None = None,
+                book: Path | None = None) -> Path:
+    """Deterministic results folder of a run: ``<book>/results/<notebook>/<run_name>``
+    (``book`` defaults to :func:`book_dir`; ``override``, when given, is returned as is)."""
     if override:
         return Path(override).expanduser().resolve()
-    return book_dir() / "results" / Path(notebook).stem / run_name
+    return (book or book_dir()) / "results" / Path(notebook).stem / run_name
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

@@ -273,15 +273,18 @@ def champions(episodes: pd.DataFrame) -> pd.DataFrame:
 
 
 def paired_comparison(episodes: pd.DataFrame, a: str, b: str, metric: str = "reward",
-                      last: int | None = None) -> dict:
-    """Paired t-test over seeds of ``a`` vs ``b`` on the per-seed mean of ``metric``.
+                      last: int | None = None, reduce: str = "mean") -> dict:
+    """Paired t-test over seeds of ``a`` vs ``b`` on the per-seed ``reduce`` (mean or max) of ``metric``.
 
-    ``last`` restricts to the final ``last`` episodes (what the policy does after learning).
+    ``last`` restricts to the final ``last`` episodes (what the policy does after learning);
+    ``reduce="max"`` compares the best child each search found.
     """
     from scipy import stats
 
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"reduce must be 'mean' or 'max', not {reduce!r}")
     df = episodes if last is None else episodes[episodes["episode"] > episodes["episode"].max() - last]
-    per_seed = df.groupby(["strategy", "seed"])[metric].mean().unstack("strategy")
+    per_seed = df.groupby(["strategy", "seed"])[metric].agg(reduce).unstack("strategy")
     pair = per_seed[[a, b]].dropna()
     diff = pair[a] - pair[b]
     out = {"a": a, "b": b, "metric": metric, "last": last, "n_seeds": len(pair),
@@ -293,6 +296,22 @@ def paired_comparison(episodes: pd.DataFrame, a: str, b: str, metric: str = "rew
     else:
         out.update(t=math.nan, p=math.nan)
     return out
+
+
+# The comparisons on the NAS page: each RL variant against its equal-budget control, masked RL
+# against unmasked random search, and the sound controller against the reference one.
+COMPARISONS = (("rl", "random"), ("rl_masked", "random_masked"), ("rl_masked", "random"), ("rl", "rl_faithful"))
+
+
+def compare_strategies(episodes: pd.DataFrame, last: int | None, pairs: Sequence[tuple[str, str]] = COMPARISONS,
+                       metric: str = "reward") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Paired tests of every pair of ``pairs`` whose two strategies were run: on the mean ``metric``
+    of the last ``last`` episodes, and on the best ``metric`` found. Returns ``(last, best)``."""
+    ran = set(episodes["strategy"])
+    pairs = [(a, b) for a, b in pairs if a in ran and b in ran]
+    last_t = pd.DataFrame([paired_comparison(episodes, a, b, metric, last=last) for a, b in pairs])
+    best_t = pd.DataFrame([paired_comparison(episodes, a, b, metric, reduce="max") for a, b in pairs])
+    return last_t, best_t
 
 
 def make_evaluator(ds, child: Mapping[str, Any], cache_path=None):

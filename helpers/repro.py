@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import os
 import platform
 import random
@@ -11,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from .results import read_json
 
 TRACKED_PACKAGES = (
     "torch", "torchvision", "numpy", "pandas", "scikit-learn", "medmnist", "albumentations",
@@ -37,11 +38,19 @@ def seed_everything(seed: int, deterministic: bool = False) -> torch.Generator:
     return gen
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch."""
-    if device == "auto":
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` picks CUDA when available, else CPU; anything else is passed to torch.
+
+    Asking for CUDA where PyTorch sees no GPU raises an error that says so and names the fix,
+    rather than failing later at the first tensor moved there.
+    """
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} asked for, but PyTorch sees no CUDA GPU here. Fix: use "
+                           f"device 'auto' or 'cpu', or run on a machine with a GPU.")
+    return dev
 
 
 def git_state(root: Path | None = None) -> dict:
@@ -94,6 +103,6 @@ def run_environment(results_dir: str | os.PathLike | None = None) -> dict:
     """
     path = Path(results_dir) / "provenance.json" if results_dir else None
     if path is not None and path.is_file():
-        record = json.loads(path.read_text())
+        record = read_json(path)
         return {k: record[k] for k in ("git", "versions", "device") if k in record}
     return provenance()

@@ -112,10 +112,10 @@ def inputs_digest(notebook: Path, params: dict) -> str:
     return h.hexdigest()
 
 
-def paths(notebook: str | os.PathLike, run_name: str) -> tuple[Path, Path]:
-    """(executed notebook path, results folder) of a run."""
+def paths(notebook: str | os.PathLike, run_name: str, book: Path | None = None) -> tuple[Path, Path]:
+    """(executed notebook path, results folder) of a run, in ``book`` (default: the book folder)."""
     stem = Path(notebook).stem
-    return config.book_dir() / "runs" / stem / f"{run_name}.ipynb", config.results_dir(stem, run_name)
+    return (book or config.book_dir()) / "runs" / stem / f"{run_name}.ipynb", config.results_dir(stem, run_name, book=book)
 
 
 def _rel(path: str | os.PathLike | None) -> str | None:

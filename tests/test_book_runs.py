@@ -87,3 +87,10 @@ def test_banner_states_run_profile_seeds_commit_and_command():
     for part in ("**nas**", "**quick**", "seeds 0, 1, 2", "`0123456`", "uncommitted", "2 CPU cores", "took 12 s",
                  "python -m helpers.run notebooks/nas.ipynb params/nas.yaml --profile quick"):
         assert part in text, part
+
+
+def test_placeholder_without_a_pinned_profile_names_the_books_profile(tmp_path):
+    book = _book(tmp_path, "runs:\n  - notebook: notebooks/nas.ipynb\n    params: params/nas.yaml\n    on_demand: long\n")
+    book_mod.execute_runs("quick", book)
+    text = nbformat.read(tmp_path / "runs" / "nas" / "nas.ipynb", as_version=4).cells[0].source
+    assert "params/nas.yaml --profile quick\n" in text

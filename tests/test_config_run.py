@@ -412,3 +412,14 @@ def test_run_environment_is_the_runs_own_record_not_the_checkout_now(tmp_path):
     now = run_environment(None)
     assert set(now) == {"git", "versions", "device"} and now["versions"] == provenance()["versions"]
     assert run_environment(tmp_path / "missing")["git"] == now["git"]
+
+
+def test_resolve_device_names_the_fix_when_cuda_is_missing():
+    import torch
+
+    from helpers.repro import resolve_device
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="no CUDA GPU.*Fix"):
+            resolve_device("cuda")

@@ -149,3 +149,9 @@ def test_tables_champions_and_paired_test():
     assert res["n_seeds"] == 3 and res["mean_diff"] > 0.019 and res["p"] < 0.05
     text = nas.describe_comparison(pd.DataFrame([res]), pd.DataFrame([res]))
     assert "rl vs random" in text and "p =" in text
+    best = nas.paired_comparison(eps, "rl", "random", reduce="max")
+    per_seed_max = eps.groupby(["strategy", "seed"])["reward"].max()
+    assert best["mean_a"] == pytest.approx(per_seed_max["rl"].mean())
+    last_t, best_t = nas.compare_strategies(eps, last=3)
+    assert list(zip(last_t["a"], last_t["b"])) == [("rl", "random")]   # only pairs whose strategies ran
+    assert last_t["last"].iloc[0] == 3 and best_t["mean_a"].iloc[0] == pytest.approx(best["mean_a"])

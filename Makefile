@@ -3,12 +3,12 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PROFILE ?= quick
-# Data root: $RLMED_DATA if set, else the shared folder beside the repository when present.
-RLMED_DATA ?= $(if $(wildcard ../shared/data/medmnist/*.npz),$(abspath ../shared/data/medmnist),$(HOME)/.medmnist)
-export RLMED_DATA
+# The data root is resolved in one place, helpers.config.data_root() ($RLMED_DATA, else its default).
 export NO_ALBUMENTATIONS_UPDATE := 1
+# JupyterLab refuses to start as root without --allow-root (containers, CI).
+LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup book book-all test test-fast browser lab clean-book
+.PHONY: setup book book-all publish test test-fast browser lab clean-book
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,7 +17,13 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
+# nbstripout as git's clean filter for the templates (notebooks/**, see .gitattributes): a Run All
+# in JupyterLab autosaves outputs into them, and git stores them without. Published pages keep theirs.
 setup: $(VENV)/.installed
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+	  git config filter.nbstripout.clean "'$(abspath $(VENV))/bin/python' -m nbstripout --keep-id" && \
+	  git config filter.nbstripout.smudge cat && \
+	  git config diff.ipynb.textconv "'$(abspath $(VENV))/bin/python' -m nbstripout --keep-id -t"; fi
 
 # Headless Chromium for the browser test (Debian package; needs root, as on CI).
 browser:
@@ -27,9 +33,13 @@ browser:
 book: setup
 	$(PY) -m helpers.book --profile $(PROFILE)
 
-# Also the long runs marked on_demand in book/_runs.yml (hours on a 2-core CPU).
+# Also the long runs marked on_demand in book/_runs.yml (their measured cost is written there).
 book-all: setup
 	$(PY) -m helpers.book --profile $(PROFILE) --on-demand
+
+# Copy a finished run to book/published/ (tracked), e.g. make publish RUN=nas_reference
+publish: setup
+	$(PY) -m helpers.book --publish $(RUN)
 
 test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider
@@ -38,7 +48,7 @@ test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
 
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
 clean-book:
 	rm -rf book/_build book/runs book/results

@@ -90,8 +90,9 @@ AUG_SPEC = {"hflip": 0.5, "rotate": 10, "translate": 0.05}
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=os.environ.get("RLMED_DATA") or "/work/shared/data/medmnist",
-                   help="folder holding organamnist.npz (default: $RLMED_DATA or /work/shared/data/medmnist)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding organamnist.npz (default: helpers.config.data_root(), i.e. $RLMED_DATA "
+                        "or its default)")
     p.add_argument("--flag", default="organamnist", help="MedMNIST 2D flag (default organamnist)")
     p.add_argument("--model", default="cnn", help="helpers.models name (default cnn)")
     p.add_argument("--steps", type=int, default=150, help="timed optimizer steps per pipeline (default 150)")
@@ -166,7 +167,7 @@ class Trainer:
     def __init__(self, name: str, batches, args, device: torch.device, n_classes: int, in_chans: int,
                  task: str, channels_last: bool):
         from helpers.models import create_model
-        from helpers.train import make_criterion
+        from helpers.train import make_criterion, reduce_loss
 
         self.name, self.batches, self.device, self.channels_last = name, batches, device, channels_last
         torch.manual_seed(args.seed)  # same initial weights for every pipeline
@@ -176,6 +177,7 @@ class Trainer:
         self.model = model.train()
         self.opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
         self.crit = make_criterion(task)
+        self.reduce = reduce_loss  # per-sample losses and their reduction, as train_one_epoch
         self.amp = device.type == "cuda" and not args.no_amp
         self.data_s, self.model_s, self.losses = [], [], []
         self.wall_s, self.cpu_s, self.images, self.untimed = 0.0, 0.0, 0, 0
@@ -188,7 +190,7 @@ class Trainer:
         t1 = time.perf_counter()
         with torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.amp):
             logits = self.model(x)
-            loss = self.crit(logits.float(), y)
+            loss = self.reduce(self.crit, self.crit(logits.float(), y), y)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -243,7 +245,9 @@ def main(argv=None) -> dict:
     from helpers.augment import make_augment
 
     device = resolve_device(args.device)
-    root = str(Path(args.data_root).expanduser().resolve())
+    from helpers.config import data_root
+
+    root = str(data_root(args.data_root))
     meta = hdata.info(args.flag)
     n_classes, in_chans, task = len(meta["label"]), meta["n_channels"], meta["task"]
     env = {

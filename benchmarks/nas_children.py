@@ -1,4 +1,4 @@
-"""NAS child-training benchmark: ``helpers.nas_engine`` plain engine vs fast engine on real OrganAMNIST.
+"""NAS child-training benchmark: ``helpers.nas`` plain engine vs fast engine on real OrganAMNIST.
 
 Run from the repository root (about 3 minutes on 2 idle CPU cores with the defaults, 4 with
 ``--bf16``; much longer when other jobs load the machine, which slows the plain engine most)::
@@ -36,7 +36,7 @@ split; see ``engine_summary``: each child's measured time per step scaled to 1,3
 scoring and overheads, averaged over the sampled children -- "sample" -- and, less noisy, from a
 least-squares fit of time on FLOPs averaged over all 24 architectures of the space -- "space fit"),
 the achieved GFLOP/s (analytic conv + linear FLOPs, forward and backward, training and scoring;
-see ``helpers.nas_engine.child_flops``) beside torch fp32 and bf16 matmul GFLOP/s measured here,
+see ``helpers.nas.child_flops``) beside torch fp32 and bf16 matmul GFLOP/s measured here,
 the fast/plain speed ratio, the largest |val_acc difference| between the engines and the Spearman
 correlation of their val accuracies. ``--bf16`` also trains the children with the plain engine
 under bf16 autocast and reports the Spearman correlation of their val accuracies with fp32.
@@ -64,7 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import device_name, loadavg, sync  # noqa: E402
-from helpers import nas_engine as ne  # noqa: E402
+from helpers import nas as ne  # noqa: E402
 from helpers.data import load  # noqa: E402
 from helpers.repro import resolve_device  # noqa: E402
 
@@ -75,8 +75,9 @@ PROTOCOL_CHILDREN, PROTOCOL_EPOCHS, PROTOCOL_TARGET_MIN, PROTOCOL_TARGET_GPU_MIN
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-root", default=os.environ.get("RLMED_DATA") or "/work/shared/data/medmnist",
-                   help="folder holding organamnist.npz (default: $RLMED_DATA or /work/shared/data/medmnist)")
+    p.add_argument("--data-root", default=None,
+                   help="folder holding organamnist.npz (default: helpers.config.data_root(), i.e. $RLMED_DATA "
+                        "or its default)")
     p.add_argument("--children", type=int, default=12, help="children per engine (default 12)")
     p.add_argument("--epochs", type=int, default=1, help="epochs per child (default 1)")
     p.add_argument("--max-train", type=int, default=19200,

@@ -5,6 +5,17 @@ Usage::
     python -m helpers.book --profile quick          # runs (skipping unchanged ones) + HTML
     python -m helpers.book --no-runs                # HTML from the runs already on disk
     python -m helpers.book --on-demand              # also the long runs marked ``on_demand``
+    python -m helpers.book --publish nas_reference  # copy a finished run to book/published/ (tracked)
+
+``book/_runs.yml`` is the one place for the book's metadata: its parts, the runs (notebook, params,
+title, parent page, what each run reads: ``needs``) and the measured cost of the long ones. The
+table of contents (``_toc.yml``) is generated from it at every build, and runs execute in an order
+that puts every run after the runs it needs. Adding a chapter is one notebook, one params file and
+one entry in ``_runs.yml``.
+
+A long (``on_demand``) run that has not been made on this machine is shown from ``book/published/``
+when it was published there (tracked in git: its executed page and small results, never weights,
+checkpoints, data or per-sample scores), and otherwise as a placeholder giving the command.
 
 Notebooks are executed once, by papermill; jupyter-book only renders them (``execute_notebooks:
 "off"``), so pages and stored results never disagree. MathJax is served from the book itself
@@ -32,26 +43,223 @@ from .run import RunError, command_for, paths, run_notebook
 MATHJAX_VERSION = "3.2.2"
 
 
-def planned_runs(book: Path | None = None) -> list[dict]:
-    """The runs the book is made of, from ``book/_runs.yml``.
+RUN_KEYS = ("notebook", "params", "name", "profile", "always", "on_demand", "title", "part", "parent", "needs")
+#: Files of a results folder that are never published (weights, checkpoints, data, per-sample arrays).
+UNPUBLISHED_DIRS = {"scores", "checkpoints"}
+UNPUBLISHED_SUFFIXES = {".npz", ".npy", ".pt", ".pth", ".ckpt", ".pkl", ".svg", ".tmp"}
+#: A published file larger than this is left out (and named when publishing).
+PUBLISH_MAX_BYTES = 2_000_000
 
-    Each entry: ``notebook``, ``params`` and optionally ``name`` (default: the params file's stem),
-    ``profile`` (pinned; default: the book's profile), ``always`` (re-execute on every build) and
-    ``on_demand`` (a run too long for the default build; its value says what it costs). Each
-    returned entry carries its resolved ``name``.
-    """
+
+def book_spec(book: Path | None = None) -> dict:
+    """``book/_runs.yml`` as written: ``root``, ``parts`` and ``runs``."""
     book = book or config.book_dir()
     spec = yaml.safe_load((book / "_runs.yml").read_text()) or {}
+    unknown = set(spec) - {"root", "parts", "runs"}
+    if unknown:
+        raise config.ParamsError(f"{book / '_runs.yml'}: unknown top-level key(s) {sorted(unknown)}. Fix: use "
+                                 f"root, parts or runs.")
+    return spec
+
+
+def _run_id(entry: dict) -> str:
+    return f"{Path(entry['notebook']).stem}/{entry['name']}"
+
+
+def _find(runs: list[dict], ref: str, source: str) -> dict:
+    """The run named ``ref`` (its name, or ``<notebook>/<name>``)."""
+    hits = [r for r in runs if ref in (r["name"], _run_id(r))]
+    if len(hits) != 1:
+        known = ", ".join(r["name"] for r in runs)
+        why = "names no run" if not hits else f"is ambiguous ({', '.join(map(_run_id, hits))})"
+        raise config.ParamsError(f"{source}: '{ref}' {why}. Fix: use a run name of _runs.yml ({known}) or "
+                                 f"<notebook>/<name>.")
+    return hits[0]
+
+
+def _ordered(runs: list[dict], source: str) -> list[dict]:
+    """``runs`` in file order, except that each comes after every run it ``needs`` (``"*"``: all others)."""
+    deps = {}
+    for r in runs:
+        needs = r.get("needs") or []
+        needs = [needs] if isinstance(needs, str) else list(needs)
+        if "*" in needs:
+            deps[_run_id(r)] = {_run_id(o) for o in runs if o is not r and "*" not in (o.get("needs") or [])}
+        else:
+            deps[_run_id(r)] = {_run_id(_find(runs, n, f"{source}: needs of {_run_id(r)}")) for n in needs}
+    done, out = set(), []
+    while len(out) < len(runs):
+        ready = [r for r in runs if _run_id(r) not in done and deps[_run_id(r)] <= done]
+        if not ready:
+            left = [_run_id(r) for r in runs if _run_id(r) not in done]
+            raise config.ParamsError(f"{source}: the needs of {', '.join(left)} form a cycle. Fix: a run may only "
+                                     f"need runs that do not need it.")
+        done.add(_run_id(ready[0]))
+        out.append(ready[0])
+    return out
+
+
+def planned_runs(book: Path | None = None, ordered: bool = True) -> list[dict]:
+    """The runs the book is made of, from ``book/_runs.yml``, in execution order.
+
+    Each entry: ``notebook``, ``params`` and optionally ``name`` (default: the params file's stem),
+    ``profile`` (pinned; default: the book's profile), ``always`` (re-execute on every build),
+    ``on_demand`` (a run too long for the default build; its value says what it costs, as measured),
+    ``title`` (in the table of contents), ``part`` (its caption; default: the first part), ``parent``
+    (a run whose page it is a section of) and ``needs`` (runs whose results it reads; ``"*"``: every
+    other run). Each returned entry carries its resolved ``name``. With ``ordered=False`` the file's order.
+    """
+    book = book or config.book_dir()
+    source = str(book / "_runs.yml")
     runs = []
-    for entry in spec.get("runs", []):
-        unknown = set(entry) - {"notebook", "params", "name", "profile", "always", "on_demand", "title"}
+    for entry in book_spec(book).get("runs", []):
+        unknown = set(entry) - set(RUN_KEYS)
         if unknown:
-            raise config.ParamsError(f"{book / '_runs.yml'}: unknown key(s) {sorted(unknown)} in the entry for "
-                                     f"{entry.get('notebook')}. Fix: use notebook, params, name, profile, always, "
-                                     f"on_demand or title.")
+            raise config.ParamsError(f"{source}: unknown key(s) {sorted(unknown)} in the entry for "
+                                     f"{entry.get('notebook')}. Fix: use {', '.join(RUN_KEYS)}.")
         default = Path(entry["params"]).stem if entry.get("params") else "default"
         runs.append({**entry, "name": entry.get("name") or default})
-    return runs
+    ids = [_run_id(r) for r in runs]
+    if len(set(ids)) != len(ids):
+        raise config.ParamsError(f"{source}: two runs share a page ({sorted(i for i in ids if ids.count(i) > 1)}). "
+                                 f"Fix: give one a `name`.")
+    return _ordered(runs, source) if ordered else runs
+
+
+def toc(book: Path | None = None) -> dict:
+    """The table of contents generated from ``_runs.yml``: the root page; per part, its hand-written
+    ``pages`` then its runs, each run's sections being the runs naming it as ``parent``."""
+    book = book or config.book_dir()
+    spec, source = book_spec(book), str(book / "_runs.yml")
+    parts = [dict(p) for p in spec.get("parts") or [{"caption": "Methods"}]]
+    captions = [p["caption"] for p in parts]
+    chapters = {p["caption"]: [{"file": f} for f in p.get("pages", [])] for p in parts}
+    runs = planned_runs(book, ordered=False)
+    items = {}
+    for r in runs:
+        item = {"file": f"runs/{Path(r['notebook']).stem}/{r['name']}"}
+        if r.get("title"):
+            item["title"] = r["title"]
+        items[_run_id(r)] = item
+    for r in runs:
+        item = items[_run_id(r)]
+        if r.get("parent"):
+            items[_run_id(_find(runs, r["parent"], f"{source}: parent of {_run_id(r)}"))].setdefault(
+                "sections", []).append(item)
+            continue
+        part = r.get("part", captions[0])
+        if part not in chapters:
+            raise config.ParamsError(f"{source}: part '{part}' of {_run_id(r)} is not among the parts "
+                                     f"({', '.join(captions)}). Fix: add it under `parts`.")
+        chapters[part].append(item)
+    return {"format": "jb-book", "root": spec.get("root", "intro"),
+            "parts": [{"caption": c, "chapters": chapters[c]} for c in captions if chapters[c]]}
+
+
+def write_toc(book: Path | None = None) -> Path:
+    """Write ``<book>/_toc.yml`` from ``_runs.yml`` (see :func:`toc`); it is a build product."""
+    book = book or config.book_dir()
+    text = ("# Generated by helpers.book from _runs.yml at every build; edit _runs.yml instead.\n"
+            + yaml.safe_dump(toc(book), sort_keys=False, allow_unicode=True))
+    path = book / "_toc.yml"
+    if not path.is_file() or path.read_text() != text:
+        atomic_write_text(path, text)
+    return path
+
+
+def published_dir() -> Path:
+    """Where published runs live, tracked in git: ``<repo>/book/published/<notebook>/<run>/``."""
+    return config.repo_root() / "book" / "published"
+
+
+def published_page(entry: dict, published: Path | None = None) -> Path:
+    """The executed page of a published run (it may not exist)."""
+    return (published or published_dir()) / Path(entry["notebook"]).stem / entry["name"] / "page.ipynb"
+
+
+def _published_banner(text: str, stem: str, name: str) -> str:
+    where = f"`book/results/{stem}/{name}/`"
+    note = (f"`book/published/{stem}/{name}/` (published with the repository: params, provenance, metrics, "
+            f"tables, figures and the training log; per-sample scores and checkpoints stay where it ran)")
+    return text.replace(where, note) if where in text else text
+
+
+def publish(run: str, book: Path | None = None, dest: Path | None = None) -> Path:
+    """Copy a finished run (``name`` or ``<notebook>/<name>``) from ``book`` to ``dest``
+    (default :func:`published_dir`), so the book shows it on any clone.
+
+    Copied: the executed page (``page.ipynb``, its run box pointing at the published folder) and
+    the results folder's small files (params, provenance, metrics, units, histories, tables,
+    PNG figures, logs); never weights, checkpoints, data, per-sample scores or SVG copies of figures.
+    Returns the published folder.
+    """
+    book = book or config.book_dir()
+    entry = _find(planned_runs(book, ordered=False), run, str(book / "_runs.yml"))
+    stem = Path(entry["notebook"]).stem
+    page, results = paths(entry["notebook"], entry["name"], book)
+    prov = results / "provenance.json"
+    record = read_json(prov) if prov.is_file() else {}
+    if record.get("status") != "complete" or not page.is_file() or is_placeholder(page):
+        raise RunError(f"{stem}/{entry['name']} has no finished run in {book} to publish (status "
+                       f"{record.get('status', 'none')!r}). Fix: make it first: {command_for_entry(entry)}")
+    nb = nbformat.read(page, as_version=4)
+    if nb.metadata.get("rlmed", {}).get("published"):
+        raise RunError(f"{page} is itself a published copy; publish from the machine that made the run.")
+    target = (dest or published_dir()) / stem / entry["name"]
+    tmp = target.with_name(f".{entry['name']}.publishing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    skipped = []
+    for src in sorted(results.rglob("*")):
+        rel = src.relative_to(results)
+        if not src.is_file() or set(rel.parts[:-1]) & UNPUBLISHED_DIRS or rel.parts[0].startswith(".") \
+                or src.suffix in UNPUBLISHED_SUFFIXES:
+            continue
+        if src.stat().st_size > PUBLISH_MAX_BYTES:
+            skipped.append(f"{rel} ({src.stat().st_size / 1e6:.1f} MB)")
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp / rel)
+    for cell in nb.cells:
+        if "run-banner" in cell.get("metadata", {}).get("tags", []):
+            cell.source = _published_banner(cell.source, stem, entry["name"])
+    info = {"run": _run_id(entry), "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": (record.get("git") or {}).get("commit"), "profile": record.get("profile"),
+            "left_out": skipped}
+    nb.metadata.setdefault("rlmed", {})["published"] = info
+    tmp.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, tmp / "page.ipynb")
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"[pub ] {_run_id(entry)} -> {target} ({sum(1 for f in target.rglob('*') if f.is_file())} files, "
+          f"{size / 1e6:.2f} MB)" + (f"; left out (too large): {', '.join(skipped)}" if skipped else ""))
+    return target
+
+
+def published_provenance(published: Path | None = None):
+    """One row per published run (read by the provenance page)."""
+    import pandas as pd
+
+    rows = []
+    for prov in sorted((published or published_dir()).glob("*/*/provenance.json")):
+        p = read_json(prov)
+        meta = nbformat.read(prov.parent / "page.ipynb", as_version=4).metadata.get("rlmed", {}) \
+            if (prov.parent / "page.ipynb").is_file() else {}
+        git, device = p.get("git") or {}, p.get("device") or {}
+        rows.append({"notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"),
+                     "profile": p.get("profile"), "seeds": p.get("seeds"),
+                     "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
+                     "wall_s": p.get("wall_s"), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
+                     "published": (meta.get("published") or {}).get("published_utc"),
+                     "folder": str(prov.parent.relative_to(config.repo_root()))
+                     if prov.parent.is_relative_to(config.repo_root()) else str(prov.parent)})
+    return pd.DataFrame(rows)
+
+
+def command_for_entry(entry: dict, profile: str = "quick") -> str:
+    """The command that makes the run of a ``_runs.yml`` entry."""
+    return command_for({"notebook": entry["notebook"], "params_file": entry.get("params"), "run_name": entry["name"],
+                        "profile": entry.get("profile", profile)})
 
 
 def is_placeholder(page: Path) -> bool:
@@ -63,8 +271,7 @@ def write_placeholder(entry: dict, profile: str, book: Path | None = None) -> Pa
     """A page for an on-demand run that has not been made yet: says so, and gives the command
     (with the entry's pinned profile, else ``profile``, the book's)."""
     page, _ = paths(entry["notebook"], entry["name"], book)
-    cmd = command_for({"notebook": entry["notebook"], "params_file": entry.get("params"), "run_name": entry["name"],
-                       "profile": entry.get("profile", profile)})
+    cmd = command_for_entry(entry, profile)
     title = entry.get("title") or f"{Path(entry['notebook']).stem}: {entry['name']}"
     text = (f"# {title}\n\n````{{admonition}} Not run yet\n:class: warning\n"
             f"This page shows a run too long for the default build ({entry['on_demand']}), and it has not been "
@@ -105,12 +312,28 @@ def ensure_mathjax(static: Path) -> Path:
     return target
 
 
-def execute_runs(profile: str, book: Path | None = None, force: bool = False, on_demand: bool = False) -> list[dict]:
-    """Execute the planned runs in order; a failure stops the build with the runner's message.
+def show_published(entry: dict, book: Path | None = None, published: Path | None = None) -> dict | None:
+    """Put a published run's page in the book (``runs/<notebook>/<name>.ipynb``); its record, or
+    ``None`` when the run was never published."""
+    src = published_page(entry, published)
+    if not src.is_file():
+        return None
+    page, _ = paths(entry["notebook"], entry["name"], book)
+    page.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(page, src.read_text())
+    prov = src.parent / "provenance.json"
+    return {**(read_json(prov) if prov.is_file() else {}), "published": str(src.parent)}
+
+
+def execute_runs(profile: str, book: Path | None = None, force: bool = False, on_demand: bool = False,
+                 published: Path | None = None) -> list[dict]:
+    """Execute the planned runs in order (each after the runs it needs); a failure stops the build
+    with the runner's message.
 
     An ``on_demand`` run is executed only with ``on_demand=True``. Otherwise its finished page is
-    kept as it is (its banner names the commit and profile it was made with), and where there is
-    none, a placeholder page gives the command. Returns the records of the runs executed or kept.
+    kept as it is (its banner names the commit and profile it was made with); where there is none,
+    its published page (``book/published/``) is shown, and failing that a placeholder page gives the
+    command. Returns the records of the runs executed, kept or shown from ``published``.
     """
     records = []
     for entry in planned_runs(book):
@@ -124,6 +347,10 @@ def execute_runs(profile: str, book: Path | None = None, force: bool = False, on
                 print(f"[kept] {nb.stem}/{entry['name']} ({record.get('profile')}): on demand, made "
                       f"{record.get('started_utc')}")
                 records.append(record)
+            elif (shown := show_published(entry, book, published)) is not None:
+                print(f"[pub ] {nb.stem}/{entry['name']}: on demand; shown as published in {shown['published']} "
+                      f"(made {shown.get('started_utc')}, profile {shown.get('profile')})")
+                records.append(shown)
             else:
                 print(f"[todo] {nb.stem}/{entry['name']}: on demand ({entry['on_demand']}); placeholder page "
                       f"{write_placeholder(entry, profile, book)}")
@@ -137,6 +364,7 @@ def build_html(book: Path | None = None, strict: bool = False) -> Path:
     """Run ``jupyter-book build`` on the book folder; returns the path of ``index.html``."""
     book = (book or config.book_dir()).resolve()
     ensure_mathjax(book / "_assets")
+    write_toc(book)
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book),
            "--config", str(config.repo_root() / "_config.yml"), "--path-output", str(book)]
@@ -156,9 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="warnings are errors")
     parser.add_argument("--on-demand", action="store_true",
                         help="also execute the long runs marked on_demand in book/_runs.yml")
+    parser.add_argument("--publish", metavar="RUN", action="append",
+                        help="copy the finished run RUN (a name of book/_runs.yml, e.g. nas_reference) to "
+                             "book/published/ and stop; repeatable")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.publish:
+            for run in args.publish:
+                publish(run)
+            return 0
         if not args.no_runs:
             execute_runs(args.profile, force=args.force, on_demand=args.on_demand)
         index = build_html(strict=args.strict)

@@ -95,6 +95,9 @@ def locate(flag: str, size: int = 28, root: str | os.PathLike | None = None,
            download: bool = True, verify: bool = True) -> Path:
     """Path of a verified data file; downloads it if allowed, else a :class:`DataError` with the fix."""
     root = _data_root(root)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder. Fix: point RLMED_DATA (or the data_root "
+                        f"param) at the folder that holds {file_name(flag, size)}.")
     path = root / file_name(flag, size)
     md5 = expected_md5(flag, size)
     if not path.is_file():
@@ -186,6 +189,21 @@ def _to_tensors(images: np.ndarray, labels: np.ndarray, multilabel: bool) -> Spl
     return Split(x, y)
 
 
+def check_labels(labels: torch.Tensor, meta: dict, where: str) -> None:
+    """Refuse labels that do not fit the flag's classes (e.g. a 7 in a binary task), naming the file."""
+    n_classes = len(meta["label"])
+    if meta["task"].startswith("multi-label"):
+        if labels.dim() != 2 or labels.shape[1] != n_classes or not torch.isin(labels, torch.tensor([0.0, 1.0])).all():
+            raise DataError(f"{where}: multi-label labels must be 0/1 with {n_classes} columns, got shape "
+                            f"{tuple(labels.shape)}. Fix: replace the file with the official one.")
+        return
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_classes):
+        bad = sorted(set(labels[(labels < 0) | (labels >= n_classes)].tolist()))[:5]
+        raise DataError(f"{where}: label(s) {bad} outside the {n_classes} classes 0..{n_classes - 1} of this "
+                        f"{meta['task']} task. Fix: replace the file with the official one (or fix the labels "
+                        f"of a file you made).")
+
+
 def load(flag: str, size: int = 28, root: str | os.PathLike | None = None, *,
          verify: bool = True, download: bool = True, splits: Sequence[str] = SPLITS) -> MedMNIST:
     """Load a MedMNIST 2D flag at a size from the data root, with the official splits.
@@ -204,6 +222,7 @@ def load(flag: str, size: int = 28, root: str | os.PathLike | None = None, *,
         raise DataError(f"cannot read {path}: {exc}. Fix: replace it with the official "
                         f"{path.name} (MD5 {expected_md5(flag, size)}).") from exc
     for s, split in out.items():
+        check_labels(split.labels, meta, f"{path} ({s} split)")
         c, h = split.images.shape[1], split.images.shape[2]
         if c != meta["n_channels"] or h != size:
             raise DataError(f"{path} {s} images are {c}x{h}px, expected {meta['n_channels']} "

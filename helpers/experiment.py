@@ -6,23 +6,21 @@ Every notebook that trains a classifier (baselines, a NAS champion, a fold) goes
 from __future__ import annotations
 
 import hashlib
+import os
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import pandas as pd
 import torch
+import torch.distributed as dist
 
 from . import augment as augment_mod
 from . import data as data_mod
 from .config import book_dir, cache_dir
 from .models import create_model
 from .repro import resolve_device, seed_everything
-from .results import Recorder, unit_name
+from .results import Recorder, digest, unit_name
 from .train import FitConfig, Hook, evaluate, fit
-
-FIT_KEYS = ("epochs", "lr", "weight_decay", "optimizer", "schedule", "grad_clip", "patience",
-            "min_delta", "min_epochs", "monitor", "amp", "label_smoothing")
-
 
 def load_dataset(flag: str, size: int = 28, data_root: str | None = None,
                  max_samples: Mapping[str, int | None] | None = None, seed: int = 0,
@@ -32,11 +30,6 @@ def load_dataset(flag: str, size: int = 28, data_root: str | None = None,
     if max_samples and any(v is not None for v in max_samples.values()):
         ds = data_mod.subsample(ds, dict(max_samples), seed=seed)
     return ds
-
-
-def fit_config(params: Mapping[str, Any], **overrides: Any) -> FitConfig:
-    """The :class:`FitConfig` named by the keys of a notebook's params that ``fit`` understands."""
-    return FitConfig.from_params({k: params[k] for k in FIT_KEYS if k in params}, **overrides)
 
 
 def checkpoint_path(recorder: Recorder, unit: str) -> Path:
@@ -49,58 +42,137 @@ def checkpoint_path(recorder: Recorder, unit: str) -> Path:
     return cache_dir("checkpoints") / rel / f"{unit}.pt"
 
 
+def unit_settings(model_name: str, *, model_kwargs: Mapping[str, Any] | None = None, augment: Mapping | None = None,
+                  sampler: str | None = None, class_weighting: str | None = None, init_from: Any = None,
+                  normalize: tuple | None = None) -> dict:
+    """The settings of a unit beyond its flag, model and seed, with the defaults left out: what goes
+    into its ``variant`` key so that two units differing only in them never share a name."""
+    given = {"model_kwargs": dict(model_kwargs or {}), "augment": dict(augment or {}), "sampler": sampler,
+             "class_weighting": class_weighting,
+             "init_from": _weights_id(init_from),
+             "normalize": list(normalize) if normalize is not None else None}
+    return {k: v for k, v in given.items() if v not in (None, {}, [])}
+
+
+def _weights_id(init_from) -> str | None:
+    """Initial weights by content: a file's or a state dict's SHA-256 (a path alone could change under a unit)."""
+    if init_from is None:
+        return None
+    h = hashlib.sha256()
+    if isinstance(init_from, Mapping):
+        for k, v in init_from.items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    else:
+        h.update(Path(init_from).read_bytes() if Path(init_from).is_file() else str(init_from).encode())
+    return h.hexdigest()[:16]
+
+
+def _initial_weights(init_from) -> dict:
+    if isinstance(init_from, Mapping):
+        return dict(init_from)
+    path = Path(init_from)
+    if not path.is_file():
+        raise FileNotFoundError(f"init_from: no weights file {path}. Fix: pass the path of a state dict saved "
+                                f"with torch.save (e.g. Recorder.model_path(...) of a unit trained with keep_model=True).")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, seed: int,
                    cfg: FitConfig, *, batch_size: int = 128, augment: Mapping | None = None,
                    model_kwargs: Mapping[str, Any] | None = None, sampler: str | None = None,
                    class_weighting: str | None = None, device: str = "auto",
-                   hooks: Sequence[Hook] = (), unit: Mapping[str, Any] | None = None) -> dict:
-    """Train, select the best epoch on val, evaluate once on test, store the unit; return metrics.
+                   hooks: Sequence[Hook] = (), unit: Mapping[str, Any] | None = None,
+                   init_from: str | os.PathLike | Mapping | None = None,
+                   normalize: tuple[float, float] | None = None,
+                   evaluate_on: Sequence[str] = ("val", "test"), keep_model: bool = False,
+                   criterion=None, param_groups_fn=None, data_tag: str | None = None) -> dict:
+    """Train, select the best epoch on val, evaluate on ``evaluate_on``, store the unit; return metrics.
 
-    A unit already stored is loaded, not retrained. ``sampler="weighted"`` draws class-balanced
-    batches; ``class_weighting="balanced"`` weights the loss instead. The training checkpoint lives
-    in the cache, keyed by the unit, so an interrupted unit resumes.
+    The one supervised unit of every chapter. Its key is ``unit`` (default flag, model, seed) plus a
+    ``variant`` digest when any setting beyond those is given (model kwargs, augmentation, sampler,
+    class weighting, initial weights, normalisation). A unit already stored with the same
+    fingerprint (its key and settings, the fit config, the data's shape and subset, the helpers
+    code) is loaded, not retrained; one made otherwise is redone.
+
+    * ``init_from``: a weights file (loaded with ``weights_only=True``) or a state dict to start from.
+    * ``normalize``: ``(mean, std)`` for the loaders (default 0.5, 0.5).
+    * ``evaluate_on``: the splits scored after selection; a k-fold unit passes ``("val",)`` and never
+      touches test.
+    * ``keep_model``: store the best weights as ``models/<unit>.pt`` (:meth:`Recorder.load_model`).
+    * ``criterion`` and ``param_groups_fn(model) -> groups`` are handed to :func:`helpers.train.fit`.
+    * ``sampler="weighted"`` draws class-balanced batches; ``class_weighting="balanced"`` weights the loss.
+
+    Under ``torchrun`` (DDP), every rank trains on its shard of each epoch; only rank 0 evaluates
+    and stores, and every rank returns the stored metrics.
     """
+    evaluate_on = tuple(evaluate_on)
+    unknown = [s for s in evaluate_on if s not in ds.splits]
+    if unknown or "val" not in evaluate_on:
+        raise ValueError(f"evaluate_on={evaluate_on!r}: it must include 'val' and name splits of the dataset "
+                         f"({', '.join(ds.splits)}); a k-fold unit uses ('val',).")
+    settings = unit_settings(model_name, model_kwargs=model_kwargs, augment=augment, sampler=sampler,
+                             class_weighting=class_weighting, init_from=init_from, normalize=normalize)
     keys = dict(unit or {"flag": ds.flag, "model": model_name, "seed": seed})
-    if recorder.has_unit(**keys):
-        return recorder.load_unit(**keys)["metrics"]
-    dev = resolve_device(device)
-    seed_everything(seed)
-    model = create_model(model_name, num_classes=ds.n_classes, in_chans=ds.n_channels, **dict(model_kwargs or {}))
-    train = ds["train"]
-    weights = None
-    if sampler == "weighted" and not ds.multilabel:
-        weights = data_mod.class_balanced_weights(train.labels, ds.n_classes)
-    loader = data_mod.TensorLoader(train, batch_size, shuffle=True, augment=augment_mod.make_augment(augment),
-                                   device=dev, weights=weights, seed=seed)
-    val_loader = data_mod.TensorLoader(ds["val"], 512, device=dev)
-    cw = data_mod.class_weights(train.labels, ds.n_classes) if class_weighting == "balanced" and not ds.multilabel else None
-    ckpt = checkpoint_path(recorder, unit_name(**keys))
-    ckpt.parent.mkdir(parents=True, exist_ok=True)
-    result = fit(model, loader, val_loader, ds.task, cfg, device=dev, checkpoint=ckpt, hooks=hooks,
-                 class_weights=cw, desc=unit_name(**keys))
-    val_metrics, val_scores, val_labels = evaluate(result.model, val_loader, ds.task, prefix="val", device=dev, amp=cfg.amp,
-                                                  channels_last=cfg.channels_last)
-    test_loader = data_mod.TensorLoader(ds["test"], 512, device=dev)
-    test_metrics, test_scores, test_labels = evaluate(result.model, test_loader, ds.task, prefix="test", device=dev, amp=cfg.amp,
-                                                     channels_last=cfg.channels_last)
-    n_params = sum(p.numel() for p in result.model.parameters())
-    metrics = {**val_metrics, **test_metrics, "params": n_params, "best_epoch": result.best_epoch,
-               "epochs_run": len(result.history), "train_s": result.wall_s}
-    recorder.save_unit(keys, metrics, history=result.history,
-                       scores={"val_scores": val_scores, "val_labels": val_labels, "val_index": ds["val"].index.numpy(),
-                               "test_scores": test_scores, "test_labels": test_labels,
-                               "test_index": ds["test"].index.numpy()},
-                       extra={"stopped_early": result.stopped_early, "resumed_from": result.resumed_from})
-    return metrics
+    if settings:
+        keys["variant"] = digest(settings)[:8]
+    fingerprint = {"keys": keys, "settings": settings, "model": model_name, "seed": seed, "fit": asdict(cfg),
+                   "batch_size": batch_size, "evaluate_on": list(evaluate_on), "data": data_fingerprint(ds),
+                   "data_tag": data_tag, "hooks": [type(h).__name__ for h in hooks],
+                   "criterion": None if criterion is None else getattr(criterion, "__name__", type(criterion).__name__)}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    mean, std = normalize if normalize is not None else (0.5, 0.5)
+
+    def compute() -> dict | None:
+        dev = resolve_device(device)
+        seed_everything(seed)
+        model = create_model(model_name, num_classes=ds.n_classes, in_chans=ds.n_channels, **dict(model_kwargs or {}))
+        if init_from is not None:
+            model.load_state_dict(_initial_weights(init_from))
+        train = ds["train"]
+        weights = None
+        if sampler == "weighted" and not ds.multilabel:
+            weights = data_mod.class_balanced_weights(train.labels, ds.n_classes)
+        loader = data_mod.TensorLoader(train, batch_size, shuffle=True, augment=augment_mod.make_augment(augment),
+                                       device=dev, weights=weights, seed=seed, mean=mean, std=std,
+                                       rank=rank, world_size=world)
+        val_loader = data_mod.TensorLoader(ds["val"], 512, device=dev, mean=mean, std=std)
+        cw = data_mod.class_weights(train.labels, ds.n_classes) if class_weighting == "balanced" and not ds.multilabel else None
+        ckpt = checkpoint_path(recorder, unit_name(**keys))
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        result = fit(model, loader, val_loader, ds.task, cfg, device=dev, checkpoint=ckpt, hooks=hooks,
+                     class_weights=cw, desc=unit_name(**keys), criterion=criterion,
+                     param_groups=param_groups_fn(model) if param_groups_fn is not None else None)
+        if rank != 0:
+            return None
+        metrics, scores = {}, {}
+        for split in evaluate_on:
+            split_loader = val_loader if split == "val" else data_mod.TensorLoader(ds[split], 512, device=dev,
+                                                                                   mean=mean, std=std)
+            m, sc, lab = evaluate(result.model, split_loader, ds.task, prefix=split, device=dev, amp=cfg.amp,
+                                  channels_last=cfg.channels_last)
+            metrics.update(m)
+            scores.update({f"{split}_scores": sc, f"{split}_labels": lab, f"{split}_index": ds[split].index.numpy()})
+        metrics.update({"params": sum(p.numel() for p in result.model.parameters()), "best_epoch": result.best_epoch,
+                        "epochs_run": len(result.history), "train_s": result.wall_s})
+        return {"metrics": metrics, "history": result.history, "scores": scores,
+                "model": result.model.state_dict() if keep_model else None,
+                "extra": {"stopped_early": result.stopped_early, "resumed_from": result.resumed_from}}
+
+    record = recorder.unit(keys, compute, fingerprint=fingerprint)
+    if world > 1:
+        dist.barrier()
+        if record is None:
+            record = recorder.load_unit(**keys)
+    return record["metrics"]
 
 
-def summary_table(df: pd.DataFrame, by: Sequence[str], values: Sequence[str], digits: int = 3) -> pd.DataFrame:
-    """``mean ± std`` over seeds (or folds) of ``values`` grouped by ``by``, as display strings."""
-    from .metrics import format_mean_std, mean_std
-
-    stats = mean_std(df, list(by), list(values))
-    out = stats[list(by)].copy()
-    for v in values:
-        out[v] = [format_mean_std(m, s, digits) for m, s in zip(stats[f"{v}_mean"], stats[f"{v}_std"])]
-    out["n"] = stats["n"]
+def data_fingerprint(ds: data_mod.MedMNIST) -> dict:
+    """What identifies a dataset's content cheaply: flag, size, and per split its length and a digest
+    of its official indices and labels (so another subset or another file gives another fingerprint)."""
+    out = {"flag": ds.flag, "size": ds.size}
+    for name, split in ds.splits.items():
+        h = hashlib.sha256(split.index.numpy().tobytes())
+        h.update(split.labels.numpy().tobytes())
+        out[name] = [len(split), h.hexdigest()[:16]]
     return out

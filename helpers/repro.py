@@ -53,6 +53,40 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return dev
 
 
+_CODE_DIGEST: dict[tuple, str] = {}
+
+#: Modules that only present stored results (pages, tables, figures, sentences, the runner): a change
+#: to them re-renders pages but does not redo units. Every other file of the package shapes units.
+PRESENTATION = ("book.py", "page.py", "plots.py", "report.py", "stats.py", "run.py", "sphinx_ext.py",
+                "reference.py")
+
+
+def code_digest(root: Path | None = None, fresh: bool = False, exclude: tuple[str, ...] = ()) -> str:
+    """SHA-256 over every file of the ``helpers`` package (``.py``, the ``.c`` kernel, any data file),
+    by path and content; ``__pycache__`` and the top-level modules named in ``exclude`` are skipped.
+    Computed once per process (the code a process runs is the code it imported) unless ``fresh``."""
+    import hashlib
+
+    root = Path(root) if root else Path(__file__).resolve().parent
+    key = (str(root), exclude)
+    if fresh or key not in _CODE_DIGEST:
+        h = hashlib.sha256()
+        for src in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                          and p.suffix not in (".pyc", ".so", ".o")):
+            if src.parent == root and src.name in exclude:
+                continue
+            h.update(src.relative_to(root.parent).as_posix().encode())
+            h.update(src.read_bytes())
+        _CODE_DIGEST[key] = h.hexdigest()
+    return _CODE_DIGEST[key]
+
+
+def unit_code_digest() -> str:
+    """Digest of the code that makes units (the package less :data:`PRESENTATION`): stored in each
+    unit's fingerprint, so a unit made by other code is recomputed rather than shown as this code's."""
+    return code_digest(exclude=PRESENTATION)
+
+
 def git_state(root: Path | None = None) -> dict:
     """The git commit of ``root`` and whether its tree had uncommitted changes."""
     root = root or Path(__file__).resolve().parent.parent
@@ -61,7 +95,7 @@ def git_state(root: Path | None = None) -> dict:
                               timeout=20).stdout.strip()
     try:
         commit = git("rev-parse", "HEAD") or None
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit else None
+        dirty = bool(git("status", "--porcelain")) if commit else None  # untracked files count too
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, None
     return {"commit": commit, "dirty": dirty}

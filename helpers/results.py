@@ -4,22 +4,30 @@ Layout of ``book/results/<notebook>/<run>/``::
 
     params.yaml  provenance.json        written by helpers.run
     metrics.csv                         long format: one row per (unit columns..., key, value)
+    scope.json                          digest of the params the units were made with
     units/<unit>.json                   one finished unit of work (e.g. flag x model x seed)
     history/<unit>.csv                  its per-epoch history
     scores/<unit>.npz                   raw per-sample scores and labels (summaries never retrain)
+    models/<unit>.pt                    best weights of a unit that keeps them (git-ignored)
     figures/<name>.png|svg
 
 A unit is written only when it is finished, so an interrupted run loses at most the unit in
-progress (whose own training checkpoint lives in the cache and resumes too).
+progress (whose own training checkpoint lives in the cache and resumes too). The rule "a stored
+unit is not redone" holds by construction in :meth:`Recorder.unit`: a unit is reused only when
+its *fingerprint* (everything that shapes it, the helpers code included) is the one stored with it.
+Opened with a ``scope`` (a notebook's params), a results folder made with other params has its
+units set aside in ``.stale/`` first, so tables never show units of parameters that were edited.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -64,20 +72,109 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def digest(obj: Any) -> str:
+    """SHA-256 of a JSON-able object (keys sorted), e.g. a unit's settings or a notebook's params."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_jsonable_loose).encode()).hexdigest()
+
+
+def _jsonable_loose(obj: Any):
+    try:
+        return _jsonable(obj)
+    except TypeError:
+        return repr(obj)
+
+
 def unit_name(**keys: Any) -> str:
     """Deterministic file-safe name of a unit from its key values, e.g. ``flag=breastmnist__seed=0``."""
     parts = [f"{k}={v}" for k, v in keys.items()]
     return "__".join(parts).replace("/", "-").replace(" ", "")
 
 
-class Recorder:
-    """Writes and reads one run's results folder (see the module docstring for the layout)."""
+UNIT_PARTS = ("units", "history", "scores", "models", "tables", "figures", "metrics.csv", "scope.json")
 
-    def __init__(self, root: str | os.PathLike):
+
+class Recorder:
+    """Writes and reads one run's results folder (see the module docstring for the layout).
+
+    ``scope``: the params the run's units are made with (a notebook passes its parameters). When
+    the folder holds units made with other params, they are moved to ``<parent>/.stale/`` first,
+    with a message, so nothing made with the old params is shown as a result of the new ones.
+    """
+
+    def __init__(self, root: str | os.PathLike, scope: Mapping[str, Any] | None = None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        if scope is not None:
+            self._enter_scope(dict(scope))
+
+    def _enter_scope(self, scope: dict) -> None:
+        new = digest(scope)
+        path = self.root / "scope.json"
+        old = read_json(path).get("sha256") if path.is_file() else None
+        if old is not None and old != new:
+            stale = self.root.parent / ".stale" / f"{self.root.name}-{old[:12]}"
+            shutil.rmtree(stale, ignore_errors=True)
+            stale.mkdir(parents=True)
+            for part in UNIT_PARTS:
+                if (self.root / part).exists():
+                    os.replace(self.root / part, stale / part)
+            print(f"[new ] {self.root.name}: params changed since its units were made; they are set aside in {stale}",
+                  flush=True)
+        elif old is None and (self.root / "units").is_dir() and any((self.root / "units").iterdir()):
+            pass  # units from before scopes were recorded: their own fingerprints decide reuse
+        write_json(path, {"sha256": new, "params": scope})
 
     # ---- units -------------------------------------------------------------------------
+    def unit(self, keys: Mapping[str, Any], compute: Callable[[], Mapping[str, Any] | None], *,
+             fingerprint: Mapping[str, Any] | None = None) -> dict | None:
+        """The stored unit ``keys`` when it was made with the same ``fingerprint``; else ``compute()``
+        it, store it and return it. Returns the unit record (``keys``, ``metrics``, extras).
+
+        ``compute()`` returns a mapping with ``metrics`` and optionally ``history`` (DataFrame),
+        ``scores`` (arrays), ``model`` (a state dict, stored as ``models/<unit>.pt``) and ``extra``
+        (JSON-able). It may return ``None`` (e.g. a non-main DDP rank): nothing is stored.
+        The fingerprint always includes the digest of the code that makes units
+        (:func:`helpers.repro.unit_code_digest`), so a change to it redoes the unit.
+        """
+        from .repro import unit_code_digest
+
+        fp = digest({"unit": dict(fingerprint or {}), "code": unit_code_digest()})
+        path = self.root / "units" / f"{unit_name(**keys)}.json"
+        if path.is_file():
+            stored = read_json(path)
+            if stored.get("fingerprint") == fp:
+                return stored
+            print(f"[redo] unit {unit_name(**keys)}: made with other settings or code", flush=True)
+        out = compute()
+        if out is None:
+            return None
+        if out.get("model") is not None:
+            self.save_model(keys, out["model"])
+        self.save_unit(keys, out["metrics"], history=out.get("history"), scores=out.get("scores"),
+                       extra={**dict(out.get("extra") or {}), "fingerprint": fp})
+        return self.load_unit(**keys)
+
+    def save_model(self, keys: Mapping[str, Any], state: Mapping[str, Any]) -> Path:
+        """Store a unit's weights (a state dict) as ``models/<unit>.pt``, atomically."""
+        import torch
+
+        buf = io.BytesIO()
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+        return atomic_write_bytes(self.model_path(**keys), buf.getvalue())
+
+    def model_path(self, **keys: Any) -> Path:
+        return self.root / "models" / f"{unit_name(**keys)}.pt"
+
+    def load_model(self, **keys: Any) -> dict:
+        """A unit's stored weights, loaded with ``weights_only=True``; a missing file names the fix."""
+        import torch
+
+        path = self.model_path(**keys)
+        if not path.is_file():
+            raise FileNotFoundError(f"no stored weights for unit {unit_name(**keys)} at {path}. Fix: train it "
+                                    f"with keep_model=True (train_and_test) or check the unit's keys.")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
     def has_unit(self, **keys: Any) -> bool:
         return (self.root / "units" / f"{unit_name(**keys)}.json").is_file()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import difflib
 import hashlib
 import json
 import logging
@@ -54,11 +55,13 @@ class RunError(RuntimeError):
     """A notebook run failed; the message says where its partial output and log are."""
 
 
-def notebook_defaults(notebook: str | os.PathLike) -> dict:
-    """The literal defaults of the notebook's ``parameters`` cell (parsed with :mod:`ast`).
+def notebook_params(notebook: str | os.PathLike) -> tuple[dict, dict]:
+    """``(defaults, specs)`` of the notebook's ``parameters`` cell, parsed with :mod:`ast`.
 
-    papermill's own inspection skips any line holding two ``=`` (e.g. a rule ``"filters == 128"``),
-    so the cell is parsed as Python: every statement must be ``name = <literal>``.
+    Every statement must be ``name = <literal>`` or ``name: <type> = <literal>``; the annotation
+    (e.g. ``int | None``, ``list[str]``, ``dict``) becomes the key's type spec (see
+    :func:`helpers.config.check_value`). papermill's own inspection skips any line holding two
+    ``=`` (e.g. a rule ``"filters == 128"``), so the cell is parsed as Python.
     """
     import nbformat
 
@@ -69,30 +72,110 @@ def notebook_defaults(notebook: str | os.PathLike) -> dict:
     cells = [c for c in nb.cells if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])]
     if len(cells) != 1:
         raise config.ParamsError(f"{nb_path} has {len(cells)} cells tagged 'parameters'; it needs exactly one")
-    out = {}
+    out, specs = {}, {}
     for node in ast.parse(cells[0].source).body:
-        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            name, value = node.target.id, node.value
+            specs[name] = config.annotation_spec(node.annotation, f"{nb_path}: parameter '{name}'")
+        elif isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name, value = node.targets[0].id, node.value
+        else:
             raise config.ParamsError(f"{nb_path}: the parameters cell may hold only 'name = literal' lines, "
                                      f"got: {ast.unparse(node)}")
-        name = node.targets[0].id
         try:
-            out[name] = ast.literal_eval(node.value)
+            out[name] = ast.literal_eval(value)
         except ValueError as exc:
             raise config.ParamsError(f"{nb_path}: parameter '{name}' must be a literal, got "
-                                     f"{ast.unparse(node.value)!r}") from exc
-    return out
+                                     f"{ast.unparse(value)!r}") from exc
+        if name in config.GROUP_SCHEMAS:
+            specs[name] = {**specs.get(name, {}), "schema": config.GROUP_SCHEMAS[name]}
+        if name in specs:
+            config.check_value(name, out[name], None, f"{nb_path} (its own default)", specs[name])
+    return out, specs
+
+
+def notebook_defaults(notebook: str | os.PathLike) -> dict:
+    """The literal defaults of the notebook's ``parameters`` cell (see :func:`notebook_params`)."""
+    return notebook_params(notebook)[0]
+
+
+def declared_anywhere(notebooks_dir: Path | None = None) -> set[str]:
+    """Every key some notebook in ``notebooks/`` declares: what ``global.yaml`` and profiles may set."""
+    folder = notebooks_dir or config.repo_root() / "notebooks"
+    keys: set[str] = set()
+    for nb in sorted(folder.glob("*.ipynb")):
+        keys |= set(notebook_defaults(nb))
+    return keys - set(config.RUNNER_KEYS)
+
+
+# Params whose values name things of a registry, checked before a run starts: key -> (what, names()).
+def _model_names() -> list[str]:
+    from .models import list_models
+    return list_models()
+
+
+def _flag_names() -> list[str]:
+    from .data import flags_2d
+    return flags_2d()
+
+
+def _strategy_names() -> list[str]:
+    from . import nas
+    table = getattr(nas, "STRATEGIES", None)
+    return sorted(table) if table is not None else []
+
+
+NAME_CHECKS = {"model": ("model", _model_names), "models": ("model", _model_names),
+               "flag": ("MedMNIST 2D flag", _flag_names), "flags": ("MedMNIST 2D flag", _flag_names),
+               "strategies": ("search strategy", _strategy_names)}
+
+
+def check_names(params: dict, source: str) -> None:
+    """Refuse a value of a name-holding param (models, flags, strategies) that its registry lacks,
+    before anything runs; ``timm/<name>`` models are checked against timm's list."""
+    for key, (what, names) in NAME_CHECKS.items():
+        if key not in params or params[key] is None:
+            continue
+        given = params[key] if isinstance(params[key], list) else [params[key]]
+        valid = names()
+        if not valid:
+            continue
+        for name in given:
+            if not isinstance(name, str):
+                raise config.ParamsError(f"{source}: '{key}' holds {name!r}; it must name a {what}")
+            if key.startswith("model") and name.startswith("timm/"):
+                import timm
+                if timm.is_model(name[5:]):
+                    continue
+                raise config.ParamsError(f"{source}: '{key}' names {name!r}, which timm does not know. Fix: pick a "
+                                         f"name from timm.list_models(), e.g. timm/resnet18.")
+            if name not in valid:
+                close = difflib.get_close_matches(name, valid, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise config.ParamsError(f"{source}: '{key}' names unknown {what} '{name}'{hint}. "
+                                         f"Valid: {', '.join(valid)}" + (", or timm/<name>" if key.startswith("model") else ""))
 
 
 def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, profile: str) -> dict:
-    """Resolved params of a run (see :func:`helpers.config.merge_params`)."""
+    """Resolved params of a run (see :func:`helpers.config.merge_params`), type- and name-checked."""
     params_dir = config.repo_root() / "params"
-    shared = []
+    shared, names = [], []
+    declared = None
     for path in (params_dir / "global.yaml", params_dir / "profiles" / f"{profile}.yaml"):
         if path.is_file():
-            shared.append(config.load_yaml(path))
+            layer = config.load_yaml(path)
+            if declared is None:
+                declared = declared_anywhere() | (set(notebook_defaults(notebook)) - set(config.RUNNER_KEYS))
+            config.check_keys(layer, declared, f"{path} (a key no notebook declares)")
+            shared.append(layer)
+            names.append(str(path))
     run_params = config.load_yaml(params_file) if params_file else {}
-    return config.merge_params(notebook_defaults(notebook), run_params, profile, shared,
-                               source=str(params_file or "defaults"))
+    defaults, specs = notebook_params(notebook)
+    source = str(params_file or "defaults")
+    params = config.merge_params(defaults, run_params, profile, shared, source=source, specs=specs,
+                                 layer_sources=names)
+    check_names(params, source)
+    return params
 
 
 def params_digest(notebook: Path, params: dict) -> str:
@@ -104,11 +187,12 @@ def params_digest(notebook: Path, params: dict) -> str:
 
 
 def inputs_digest(notebook: Path, params: dict) -> str:
-    """SHA-256 over the notebook, the resolved params and every helpers source file."""
+    """SHA-256 over the notebook, the resolved params and every file of the helpers package
+    (sources, the C kernel, package data: :func:`helpers.repro.code_digest`)."""
+    from .repro import code_digest
+
     h = hashlib.sha256(params_digest(notebook, params).encode())
-    for src in sorted((config.repo_root() / "helpers").rglob("*.py")):
-        h.update(src.relative_to(config.repo_root()).as_posix().encode())
-        h.update(src.read_bytes())
+    h.update(code_digest(config.repo_root() / "helpers", fresh=True).encode())
     return h.hexdigest()
 
 
@@ -153,13 +237,50 @@ def banner(record: dict) -> str:
             f"```bash\n{command_for(record)}\n```\n````")
 
 
+#: An output longer than this many lines is collapsed on the page (Jupyter Book's ``hide-output``).
+LONG_OUTPUT_LINES = 40
+
+
+def _output_lines(cell) -> int:
+    """Lines of text a code cell's outputs show (streams and plain-text results)."""
+    n = 0
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream":
+            n += "".join(out.get("text", "")).count("\n")
+        elif "data" in out and not ({"text/html", "image/png", "image/svg+xml", "text/markdown"} & set(out["data"])):
+            n += "".join(out["data"].get("text/plain", "")).count("\n") + 1
+    return n
+
+
+def _tag(cell, tag: str) -> None:
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
+
+
+def tidy_page(nb) -> None:
+    """Presentation of an executed page, in place: the parameters cells (the template's defaults
+    and papermill's injected values) are collapsed (``hide-input``: a reader opens them with one
+    click), and any output longer than :data:`LONG_OUTPUT_LINES` lines is collapsed (``hide-output``)."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "parameters" in tags or "injected-parameters" in tags:
+            _tag(cell, "hide-input")
+        if _output_lines(cell) > LONG_OUTPUT_LINES:
+            _tag(cell, "hide-output")
+
+
 def _add_banner(path: Path, record: dict) -> None:
-    """Insert :func:`banner` after the executed notebook's first (title) cell, in place."""
+    """Insert :func:`banner` after the executed notebook's first (title) cell and tidy the page
+    (:func:`tidy_page`), in place."""
     import nbformat
 
     nb = nbformat.read(path, as_version=4)
     cell = nbformat.v4.new_markdown_cell(banner(record), metadata={"tags": ["run-banner"]})
     nb.cells.insert(1 if nb.cells and nb.cells[0].cell_type == "markdown" else 0, cell)
+    tidy_page(nb)
     nbformat.write(nb, path)
 
 
@@ -195,7 +316,7 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         why = "--fresh" if fresh else "its notebook or params changed"
         print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
     results.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results / "params.yaml", yaml.safe_dump({"profile": profile, **params}, sort_keys=False))
+    atomic_write_text(results / "params.yaml", stored_params_text(notebook, params, profile, run_name))
     record = {"notebook": _rel(notebook), "params_file": _rel(params_file), "run_name": run_name, "profile": profile,
               "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "params_sha256": pdigest, "status": "running",
               "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
@@ -233,6 +354,16 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
     write_json(prov_path, record)
     print(f"[done] {notebook.stem}/{run_name} in {record['wall_s']:.0f} s", flush=True)
     return record
+
+
+def stored_params_text(notebook: Path, params: dict, profile: str, run_name: str) -> str:
+    """The resolved params of a run as a params file that can be fed back: every key the notebook
+    declares (runner keys aside), under a header naming the profile, the run and the command."""
+    body = {k: v for k, v in params.items() if k not in config.RUNNER_KEYS}
+    header = (f"# Resolved params of run '{run_name}' (profile {profile}) of {_rel(notebook)}.\n"
+              f"# Every key is given, so feeding this file back remakes the run:\n"
+              f"#   python -m helpers.run {_rel(notebook)} <this file> --profile {profile} --name {run_name}\n")
+    return header + yaml.safe_dump(body, sort_keys=False)
 
 
 def _short(exc: BaseException) -> str:

@@ -4,6 +4,16 @@
 schedule, gradient clipping, early stopping, best-checkpoint selection on a validation metric,
 mixed precision on GPU, resumable checkpoints and DistributedDataParallel. Methods differ only by
 the model, loader, and :class:`Hook` they hand in.
+
+Extension points a method uses instead of copying the loop:
+
+* ``Hook`` (:class:`Hook`): ``on_fit_start(model, optimizer, device)``, ``transform_batch(x, y, model)``
+  before the forward pass, ``on_batch_end(x, y, logits, loss_per_sample)`` after it (the policy's
+  reward without a second forward pass), ``on_epoch_end(epoch, logs)``; its ``state_dict`` is
+  checkpointed and the state at the best epoch is restored with the best weights.
+* ``fit(..., criterion=, param_groups=, validate=)``: a per-sample loss, optimiser parameter groups
+  (e.g. a lower LR for a pre-trained backbone) and a validation callable for objectives that are not
+  classification. Each defaults to today's behaviour.
 """
 from __future__ import annotations
 
@@ -15,7 +25,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -23,8 +33,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from .config import ParamsError, check_keys
+from .config import ParamsError, check_group
 from .metrics import classification_metrics
+from .losses import Criterion, make_criterion, reduce_loss, to_scores  # noqa: F401  (public here too)
 from .results import atomic_write_bytes
 
 
@@ -52,16 +63,16 @@ class FitConfig:
     monitor: str = "val/auc"            # selection metric, always on the validation split
     mode: str = "auto"                  # max | min | auto (min for losses)
     amp: bool = True                    # bf16 autocast on CUDA; ignored on CPU
-    class_weights: str | None = None    # None | balanced
     label_smoothing: float = 0.0
     progress: str = "auto"              # auto | bar | log | none
     channels_last: bool = True          # NHWC memory format: 1.2-1.5x faster convs on CPU
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "FitConfig":
-        """A config from a params mapping; unknown keys are refused, naming the valid ones."""
+        """A config from a params mapping (a notebook's ``fit`` group): unknown keys and wrong types
+        are refused, naming the key and the valid ones; the rest keep the field defaults."""
         merged = {**dict(params), **overrides}
-        check_keys(merged, [f.name for f in fields(cls)], "fit config")
+        check_group("fit", merged, f"{cls.__module__}:{cls.__qualname__}", "fit config")
         cfg = cls(**merged)
         if cfg.optimizer not in ("adamw", "sgd"):
             raise ParamsError(f"optimizer '{cfg.optimizer}' unknown; use adamw or sgd")
@@ -77,12 +88,25 @@ class FitConfig:
 class Hook:
     """Extension points of the loop; methods are no-ops unless a method overrides them.
 
-    ``transform_batch`` runs before the forward pass (e.g. a policy's noise mask or an
-    adversarial erasing step), ``on_epoch_end`` may return extra metrics for the history.
+    Called in this order: ``on_fit_start`` once (after resume, before the first epoch);
+    per batch ``transform_batch`` before the forward pass (e.g. a policy's noise mask or an
+    adversarial erasing step) and ``on_batch_end`` after the loss (``loss_per_sample`` is detached,
+    shape ``(B,)``, and averages to the batch's logged loss; ``x`` is the transformed batch);
+    ``on_epoch_end`` after validation, which may return extra metrics for the history.
+    ``state_dict``/``load_state_dict`` are checkpointed every epoch, and the state at the best
+    epoch is restored at the end of :func:`fit`, beside the best weights. A state must hold only
+    tensors and plain Python values (checkpoints load with ``weights_only=True``).
     """
+
+    def on_fit_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        pass
 
     def transform_batch(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         return x, y
+
+    def on_batch_end(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
+                     loss_per_sample: torch.Tensor) -> None:
+        pass
 
     def on_epoch_end(self, epoch: int, logs: dict) -> dict | None:
         return None
@@ -144,18 +168,6 @@ class EarlyStopping:
 
 
 # ---- small pieces ----------------------------------------------------------------------------
-def make_criterion(task: str, class_weights: torch.Tensor | None = None, label_smoothing: float = 0.0) -> nn.Module:
-    """BCE-with-logits for multi-label tasks, cross-entropy otherwise (binary tasks use 2 logits)."""
-    if task.startswith("multi-label"):
-        return nn.BCEWithLogitsLoss()
-    return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing)
-
-
-def to_scores(logits: torch.Tensor, task: str) -> torch.Tensor:
-    """Probabilities from logits: sigmoid for multi-label, softmax otherwise."""
-    return torch.sigmoid(logits) if task.startswith("multi-label") else torch.softmax(logits, dim=1)
-
-
 def _autocast(device: torch.device, amp: bool):
     enabled = amp and device.type == "cuda"
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
@@ -206,13 +218,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
             x, y = hook.transform_batch(x, y, model)
         with _autocast(device, amp):
             logits = model(x)
-            loss = criterion(logits.float(), y)
+            per_sample = criterion(logits.float(), y)
+            loss = reduce_loss(criterion, per_sample, y)
         if not torch.isfinite(loss):
             lr = optimizer.param_groups[0]["lr"]
             raise NonFiniteLossError(
                 f"training loss is {loss.item()} at epoch {epoch}, batch {step} (lr {lr:.3g}). "
                 f"Fix: lower lr, set grad_clip (e.g. 1.0), or check the inputs for NaN. "
                 f"The last finished epoch is kept in the checkpoint.")
+        for hook in hooks:
+            hook.on_batch_end(x, y, logits.detach(), per_sample.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip:
@@ -249,7 +264,7 @@ def predict(model: nn.Module, loader: Iterable, task: str, *, device: torch.devi
         with _autocast(device, amp):
             logits = model(x).float()
         if criterion is not None:
-            loss_sum += criterion(logits, y).item() * len(y)
+            loss_sum += reduce_loss(criterion, criterion(logits, y), y).item() * len(y)
         total += len(y)
         scores.append(to_scores(logits, task).cpu())
         labels.append(y.cpu())
@@ -268,18 +283,22 @@ def evaluate(model: nn.Module, loader: Iterable, task: str, *, prefix: str = "va
     return metrics, scores, labels
 
 
-def make_optimizer(model: nn.Module, cfg: FitConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, cfg: FitConfig, param_groups: Sequence[dict] | None = None) -> torch.optim.Optimizer:
+    """AdamW or SGD over the model's parameters, or over ``param_groups`` (torch's format: dicts with
+    ``params`` and optional per-group ``lr``/``weight_decay``; the rest default to ``cfg``)."""
+    params = list(param_groups) if param_groups is not None else model.parameters()
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                                weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, steps_per_epoch: int):
     """Returns (scheduler, per_batch). OneCycle and cosine step per batch, plateau per epoch."""
     total = max(1, cfg.epochs * steps_per_epoch)
     if cfg.schedule == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.lr, total_steps=total,
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lrs if len(lrs) > 1 else cfg.lr, total_steps=total,
                                                    pct_start=cfg.pct_start, div_factor=10,
                                                    final_div_factor=100), True
     if cfg.schedule == "cosine":
@@ -301,15 +320,62 @@ def _cpu_state(model: nn.Module) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in _unwrap(model).state_dict().items()}
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` with NumPy scalars turned into Python ones and tensors copied to CPU, so a
+    checkpoint holding it loads with ``torch.load(weights_only=True)``."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint written by :func:`fit`, loaded with ``weights_only=True`` (no unpickling)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *,
         device: torch.device | str = "cpu", checkpoint: str | os.PathLike | None = None,
-        hooks: Sequence[Hook] = (), class_weights: torch.Tensor | None = None, desc: str = "") -> FitResult:
+        hooks: Sequence[Hook] = (), class_weights: torch.Tensor | None = None, desc: str = "",
+        criterion: Callable | None = None, param_groups: Sequence[dict] | None = None,
+        validate: Callable[[nn.Module], Mapping[str, float]] | None = None) -> FitResult:
     """Train ``model`` and keep the weights that score best on the validation ``monitor``.
 
     ``checkpoint`` (a file, normally under :func:`helpers.config.cache_dir`) is written after every
     epoch; calling ``fit`` again with the same path and config resumes from the last finished
-    epoch, and a finished fit returns its stored result without training. A NaN or infinite loss
-    raises :class:`NonFiniteLossError` and keeps the last good checkpoint.
+    epoch (weights, optimiser, schedule, loader order, hooks, CPU and CUDA RNG), and a finished fit
+    returns its stored result without training. A NaN or infinite loss raises
+    :class:`NonFiniteLossError` and keeps the last good checkpoint; a monitor that is NaN at every
+    epoch raises :class:`NonFiniteLossError` instead of returning the untrained weights.
+
+    Options (each defaults to plain supervised classification):
+
+    * ``criterion(logits, y) -> (B,)`` per-sample losses (default :func:`make_criterion`); the batch
+      loss is its ``reduce`` (see :class:`Criterion`) or the mean.
+    * ``param_groups``: torch optimiser groups, e.g. ``[{"params": backbone.parameters(), "lr": 1e-4},
+      {"params": head.parameters()}]``; groups without ``lr`` use ``cfg.lr``.
+    * ``validate(model) -> {"val/...": value}``: replaces the classification evaluation of
+      ``val_loader`` (which may then be ``None``); ``cfg.monitor`` must be one of its keys.
     """
     start = time.perf_counter()
     device = torch.device(device)
@@ -319,20 +385,22 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
     distributed = dist.is_available() and dist.is_initialized()
     train_model = nn.parallel.DistributedDataParallel(model) if distributed else model
     weight = class_weights.to(device) if class_weights is not None else None
-    criterion = make_criterion(task, weight, cfg.label_smoothing)
+    criterion = criterion if criterion is not None else make_criterion(task, weight, cfg.label_smoothing)
     eval_criterion = make_criterion(task)
-    optimizer = make_optimizer(model, cfg)
+    optimizer = make_optimizer(model, cfg, param_groups)
     scheduler, per_batch = make_scheduler(optimizer, cfg, len(train_loader))
     stopper = EarlyStopping(cfg.patience, cfg.min_delta, cfg.min_epochs, cfg.maximize)
-    data_shape = (len(train_loader), getattr(train_loader, "num_samples", None), len(val_loader))
+    n_val = len(val_loader) if val_loader is not None else None
+    data_shape = (len(train_loader), getattr(train_loader, "num_samples", None), n_val)
     signature = repr((asdict(cfg), type(model).__name__, sum(p.numel() for p in model.parameters()), data_shape))
     rows: list[dict] = []
     best_state = _cpu_state(model)
+    best_hooks = [_plain(h.state_dict()) for h in hooks]
     first_epoch, resumed_from, stopped_early = 1, None, False
     ckpt = Path(checkpoint) if checkpoint else None
 
     if ckpt is not None and ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt)
         if state.get("signature") == signature:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
@@ -343,8 +411,9 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
                 train_loader.load_state_dict(state["loader"])
             for hook, hs in zip(hooks, state.get("hooks", [])):
                 hook.load_state_dict(hs)
-            torch.set_rng_state(state["rng"])
+            _set_rng_state(state["rng"])
             rows, best_state = state["history"], state["best_state"]
+            best_hooks = state.get("best_hooks", best_hooks)
             first_epoch = state["epoch"] + 1
             resumed_from = state["epoch"]
             stopped_early = state.get("stopped_early", False)
@@ -353,6 +422,8 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
         else:
             print(f"checkpoint {ckpt} was made with another config or model; starting afresh", flush=True)
 
+    for hook in hooks:
+        hook.on_fit_start(model, optimizer, device)
     mode = _progress_mode(cfg.progress) if is_main_process() else "none"
     bar = None
     if mode == "bar":
@@ -368,18 +439,23 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
         if distributed:  # BatchNorm running stats drift apart per rank: evaluate and keep rank 0's everywhere
             for buf in model.buffers():
                 dist.broadcast(buf, src=0)
-        val_metrics, _, _ = evaluate(model, val_loader, task, device=device, amp=cfg.amp, criterion=eval_criterion,
-                                     channels_last=cfg.channels_last)
-        logs.update(val_metrics)
+        if validate is not None:
+            logs.update(validate(model))
+        else:
+            val_metrics, _, _ = evaluate(model, val_loader, task, device=device, amp=cfg.amp,
+                                         criterion=eval_criterion, channels_last=cfg.channels_last)
+            logs.update(val_metrics)
         for hook in hooks:
             logs.update(hook.on_epoch_end(epoch, logs) or {})
         if cfg.monitor not in logs:
             raise ParamsError(f"monitor '{cfg.monitor}' is not a logged metric; logged: {sorted(logs)}")
+        logs = _plain(logs)
         score = float(logs[cfg.monitor])
         if scheduler is not None and not per_batch:
             scheduler.step(score)
         if stopper.step(score, epoch):
             best_state = _cpu_state(model)
+            best_hooks = [_plain(h.state_dict()) for h in hooks]
         logs["time_s"] = time.perf_counter() - t0
         rows.append(logs)
         stop = stopper.stop_now(epoch)
@@ -389,16 +465,24 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
             _save_checkpoint(ckpt, {
                 "signature": signature, "epoch": epoch, "model": _cpu_state(model),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else None,
-                "stopper": stopper.state_dict(), "rng": torch.get_rng_state(),
+                "stopper": stopper.state_dict(), "rng": _rng_state(),
                 "loader": train_loader.state_dict() if hasattr(train_loader, "state_dict") else None,
-                "hooks": [h.state_dict() for h in hooks], "history": rows, "best_state": best_state,
-                "finished": finished, "stopped_early": stopped_early})
+                "hooks": [_plain(h.state_dict()) for h in hooks], "best_hooks": best_hooks, "history": rows,
+                "best_state": best_state, "finished": finished, "stopped_early": stopped_early})
         _report(mode, bar, desc, logs, cfg.monitor)
         if stop:
             break
     if bar is not None:
         bar.close()
+    if rows and stopper.best_epoch == 0:
+        raise NonFiniteLossError(
+            f"the monitor '{cfg.monitor}' was NaN at every one of {len(rows)} epoch(s), so no epoch can be selected "
+            f"(the weights would be the untrained ones). Fix: choose a monitor that is defined on this validation "
+            f"split (e.g. 'val/acc' or 'val/loss' when val/auc is undefined because val holds one class), or check "
+            f"the model's outputs for NaN.")
     model.load_state_dict(best_state)
+    for hook, hs in zip(hooks, best_hooks):
+        hook.load_state_dict(hs)
     history = pd.DataFrame(rows)
     best_epoch = stopper.best_epoch
     return FitResult(model, history, best_epoch, stopper.best, stopped_early, resumed_from,
@@ -413,4 +497,11 @@ def _report(mode: str, bar, desc: str, logs: dict, monitor: str) -> None:
         bar.update(1)
     elif mode == "log":
         text = "  ".join(f"{k} {v:.4f}" for k, v in shown.items())
-        print(f"{desc + ' ' if desc else ''}epoch {logs['epoch']:>3}  {text}  ({logs['time_s']:.1f}s)", flush=True)
+        line = f"{desc + ' ' if desc else ''}epoch {logs['epoch']:>3}  {text}  ({logs['time_s']:.1f}s)"
+        log_file = os.environ.get("RLMED_LOG_FILE")
+        if log_file:  # pages stay free of raw logs: the runner points this at the run's results folder
+            Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+            with open(log_file, "a") as fh:
+                fh.write(line + "\n")
+        else:
+            print(line, flush=True)

@@ -10,7 +10,6 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist"
 
 
 def write_medmnist_npz(root, flag: str, size: int = 28, n=(40, 12, 16), seed: int = 0) -> Path:
@@ -55,9 +54,10 @@ def make_npz():
 
 @pytest.fixture
 def shared_data() -> Path:
-    """The folder of real MedMNIST files ($RLMED_DATA if set); skips when it is absent."""
-    env = os.environ.get("RLMED_DATA")
-    path = Path(env) if env else SHARED_DATA
+    """The folder of real MedMNIST files (the data root, :func:`helpers.config.data_root`); skips when it is absent."""
+    from helpers.config import data_root
+
+    path = data_root()
     if not (path / "breastmnist.npz").is_file():
         pytest.skip(f"real MedMNIST data not found in {path}")
     return path

@@ -59,10 +59,25 @@ def main(out_dir: str) -> None:
               "params": checksum(params), "buffers": checksum(buffers),
               "loss": res.history["train/loss"].tolist(), "val_acc": res.history["val/acc"].tolist(),
               "best_epoch": res.best_epoch, "ids": ids}
+    report["unit"] = whole_unit(out_dir)
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as fh:
         json.dump(report, fh)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def whole_unit(out_dir: str) -> dict:
+    """A whole supervised unit under DDP: every rank trains its shard, rank 0 evaluates and stores."""
+    from helpers.data import MedMNIST
+    from helpers.experiment import train_and_test
+    from helpers.results import Recorder
+
+    splits = {"train": separable(160, 0), "val": separable(64, 1), "test": separable(64, 2)}
+    ds = MedMNIST("synthetic", 8, "binary-class", 1, {"0": "dark", "1": "bright"}, splits)
+    recorder = Recorder(os.path.join(out_dir, "results"))
+    cfg = FitConfig(epochs=2, lr=1e-2, schedule="cosine", monitor="val/acc", progress="none")
+    metrics = train_and_test(recorder, ds, "cnn", 0, cfg, batch_size=16, model_kwargs={"widths": [8, 16]})
+    return {"metrics": metrics, "units": len(recorder.units())}
 
 
 def _shard_ids(split: Split, rank: int, world: int):

@@ -16,7 +16,6 @@ import threading
 from pathlib import Path
 
 import pytest
-import yaml
 
 from helpers import book as book_mod
 from helpers import config
@@ -27,7 +26,7 @@ ROOT = config.repo_root()
 
 
 def _shared_data() -> Path:
-    path = Path(os.environ.get("RLMED_DATA") or ROOT.parent / "shared" / "data" / "medmnist")
+    path = config.data_root()
     if not (path / "organamnist.npz").is_file():
         pytest.skip(f"real MedMNIST files not found in {path}; set RLMED_DATA")
     return path
@@ -60,9 +59,9 @@ def built_book(tmp_path_factory):
                 os.environ[k] = v
 
 
-def toc_files(toc: Path) -> list[str]:
-    """Every page of the table of contents (root first)."""
-    spec = yaml.safe_load(toc.read_text())
+def toc_files(book: Path) -> list[str]:
+    """Every page of the table of contents generated from ``<book>/_runs.yml`` (root first)."""
+    spec = book_mod.toc(book)
     files = [spec["root"]]
 
     def walk(entries):
@@ -82,7 +81,7 @@ def test_no_underscore_static_folder():
 
 def test_every_toc_run_page_is_made_by_a_planned_run():
     planned = {f"runs/{Path(r['notebook']).stem}/{r['name']}" for r in book_mod.planned_runs(ROOT / "book")}
-    pages = {f for f in toc_files(ROOT / "book" / "_toc.yml") if f.startswith("runs/")}
+    pages = {f for f in toc_files(ROOT / "book") if f.startswith("runs/")}
     assert pages == planned
 
 
@@ -92,12 +91,41 @@ def test_every_notebook_template_is_in_the_book():
 
 
 def test_templates_are_clean_with_one_parameters_cell():
-    for nb_path in (ROOT / "notebooks").glob("*.ipynb"):
+    for nb_path in (ROOT / "notebooks").rglob("*.ipynb"):
         nb = json.loads(nb_path.read_text())
         code = [c for c in nb["cells"] if c["cell_type"] == "code"]
         assert not any(c.get("outputs") or c.get("execution_count") for c in code), nb_path
         tagged = [c for c in code if "parameters" in c.get("metadata", {}).get("tags", [])]
         assert len(tagged) == 1, nb_path
+
+
+#: The fixed outline of a method page (design principle 9); the overview opens the title cell.
+OUTLINE = ["## Parameters", "## Method", "## Results", "## Diagnostics", "## Reproduce"]
+METHOD_NOTEBOOKS = sorted(p for p in (ROOT / "notebooks").rglob("*.ipynb") if p.stem != "provenance")
+
+
+@pytest.mark.parametrize("nb_path", METHOD_NOTEBOOKS, ids=lambda p: p.stem)
+def test_method_pages_follow_the_six_section_outline(nb_path):
+    cells = json.loads(nb_path.read_text())["cells"]
+    text = ["".join(c["source"]) for c in cells]
+    assert text[0].startswith("# ") and "**Overview.**" in text[0]
+    headings = [line for t, c in zip(text, cells) if c["cell_type"] == "markdown" for line in t.splitlines()
+                if line.startswith("## ")]
+    assert [h for h in headings if h in OUTLINE] == OUTLINE, headings
+    code = "\n".join(t for t, c in zip(text, cells) if c["cell_type"] == "code")
+    assert "open_page(" in code and text[-1].strip() == "page.reproduce()"   # recorder + log file; closing cell
+
+
+def test_formulas_render_in_jupyterlab_too():
+    """JupyterLab's MathJax reads \\text{...} in text mode, where '_' is an error ("'_' allowed only in
+    math mode"), and the book's MathJax shows \\_ there literally: a name with '_' goes in \\mathrm{..\\_..}."""
+    import re
+
+    for nb_path in (ROOT / "notebooks").rglob("*.ipynb"):
+        for cell in json.loads(nb_path.read_text())["cells"]:
+            if cell["cell_type"] == "markdown":
+                bad = re.findall(r"\\text\{[^}]*_[^}]*\}", "".join(cell["source"]))
+                assert not bad, f"{nb_path.name}: {bad}"
 
 
 @pytest.mark.slow
@@ -109,7 +137,7 @@ def test_runs_store_results_and_provenance(built_book):
         prov = json.loads((res / "provenance.json").read_text())
         assert prov["status"] == "complete" and prov["profile"] == "smoke"
         assert prov["git"]["commit"] and prov["versions"]["torch"] and prov["wall_s"] > 0
-        assert yaml.safe_load((res / "params.yaml").read_text())["profile"] == "smoke"
+        assert "(profile smoke)" in (res / "params.yaml").read_text().splitlines()[0]
     base = root / "results" / "baselines" / "baselines"
     units = list((base / "units").glob("*.json"))
     assert len(units) >= 6  # 3 flags x 1 model x 2 seeds on smoke
@@ -124,6 +152,72 @@ def test_executed_pages_open_with_their_run_box(built_book):
         box = nb["cells"][1]
         assert "run-banner" in box["metadata"]["tags"] and record["run_name"] in "".join(box["source"])
         assert "--profile smoke" in "".join(box["source"])
+
+
+@pytest.mark.slow
+def test_pages_carry_no_raw_training_log(built_book):
+    """Per-epoch lines go to <results>/logs/train.log; a long output that is left is collapsed."""
+    import nbformat
+
+    from helpers.run import LONG_OUTPUT_LINES, _output_lines
+
+    for record in built_book["records"]:
+        stem = Path(record["notebook"]).stem
+        nb = nbformat.read(built_book["root"] / "runs" / stem / f"{record['run_name']}.ipynb", as_version=4)
+        for cell in nb.cells:
+            if cell.cell_type != "code":
+                continue
+            tags = cell.metadata.get("tags", [])
+            text = "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("output_type") == "stream")
+            assert " epoch " not in text, (stem, text[:200])
+            assert _output_lines(cell) <= LONG_OUTPUT_LINES or "hide-output" in tags or "scroll-output" in tags
+            if "injected-parameters" in tags:
+                assert "hide-input" in tags
+    log = built_book["root"] / "results" / "baselines" / "baselines" / "logs" / "train.log"
+    assert " epoch " in log.read_text()
+
+
+@pytest.mark.slow
+def test_a_finished_run_publishes_small(built_book, tmp_path):
+    """What `python -m helpers.book --publish` adds to the repository: the page and small results."""
+    target = book_mod.publish("nas", built_book["root"], tmp_path)
+    files = [p for p in target.rglob("*") if p.is_file()]
+    assert (target / "page.ipynb").is_file() and (target / "provenance.json").is_file()
+    assert (target / "figures" / "reward_curves.png").is_file() and list((target / "tables").glob("*.csv"))
+    assert not [p for p in files if p.suffix in (".npz", ".pt", ".svg")]
+    assert sum(p.stat().st_size for p in files) < 5_000_000
+
+
+@pytest.mark.slow
+def test_a_new_chapter_builds_from_one_runs_entry(tmp_path_factory):
+    """The method template as a new chapter: one notebook, one params file, one _runs.yml entry;
+    executed on smoke and built strictly, with nothing else edited."""
+    shared_data = _shared_data()
+    tmp = tmp_path_factory.mktemp("chapter")
+    nb = tmp / "notebooks" / "newmethod.ipynb"
+    nb.parent.mkdir()
+    shutil.copy(ROOT / "notebooks" / "templates" / "method.ipynb", nb)
+    (tmp / "newmethod.yaml").write_text("seeds: [0]\n")
+    book = tmp / "book"
+    book.mkdir()
+    shutil.copy(ROOT / "book" / "intro.md", book)
+    shutil.copytree(ROOT / "book" / "_assets", book / "_assets", ignore=shutil.ignore_patterns("mathjax"))
+    (book / "_runs.yml").write_text(f"root: intro\nruns:\n  - notebook: {nb}\n    params: {tmp / 'newmethod.yaml'}\n")
+    env = {"RLMED_BOOK": str(book), "RLMED_DATA": str(shared_data), "RLMED_CACHE": str(tmp / "cache")}
+    old = {k: os.environ.get(k) for k in env}
+    mathjax_cache = Path(old["RLMED_CACHE"] or "~/.cache/rlmedbook").expanduser() / "mathjax"
+    if mathjax_cache.is_dir():
+        shutil.copytree(mathjax_cache, tmp / "cache" / "mathjax")
+    os.environ.update(env)
+    try:
+        records = book_mod.execute_runs("smoke", book)
+        index = book_mod.build_html(book, strict=True)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert records[0]["status"] == "complete"
+    page = (index.parent / "runs" / "newmethod" / "newmethod.html").read_text()
+    assert "<table" in page and "<img" in page and "Reproduce" in page
 
 
 @pytest.mark.slow
@@ -158,6 +252,38 @@ def served(built_book):
 
 
 CHROMIUM = "/usr/bin/chromium"
+#: Longest output block a page may show uncollapsed, in lines (longer ones carry hide-output / scroll-output).
+MAX_SHOWN_OUTPUT_LINES = 40
+#: In the browser: the page height, the longest output block shown (in lines, as rendered: a
+#: collapsed one shows none, a scroll box shows its own height) and every table that sticks out of
+#: the text column with no scroll box around it.
+PAGE_CHECKS_JS = """() => {
+  const article = document.querySelector('article') || document.body;
+  const shown = el => { const r = el.getBoundingClientRect(); return el.offsetParent !== null && r.height > 0 && r.width > 0; };
+  let longest = 0, longestText = '';
+  for (const pre of article.querySelectorAll('div.cell_output pre')) {
+    if (!shown(pre)) continue;
+    let h = pre.getBoundingClientRect().height;
+    for (let a = pre.parentElement; a && a !== article; a = a.parentElement) {
+      if (['auto', 'scroll', 'hidden'].includes(getComputedStyle(a).overflowY)) h = Math.min(h, a.getBoundingClientRect().height);
+    }
+    const lines = Math.round(h / (parseFloat(getComputedStyle(pre).lineHeight) || 16));
+    if (lines > longest) { longest = lines; longestText = pre.innerText.slice(0, 160); }
+  }
+  const right = article.getBoundingClientRect().right;
+  const overflow = [];
+  for (const t of article.querySelectorAll('table')) {
+    if (!shown(t)) continue;
+    let scrolls = false;
+    for (let a = t.parentElement; a && a !== article; a = a.parentElement) {
+      const ox = getComputedStyle(a).overflowX;
+      if ((ox === 'auto' || ox === 'scroll') && a.getBoundingClientRect().right <= right + 1) { scrolls = true; break; }
+    }
+    const r = t.getBoundingClientRect();
+    if (!scrolls && r.right > right + 1) overflow.push(`${Math.round(r.width)} px table sticks out ${Math.round(r.right - right)} px: ` + t.innerText.slice(0, 80));
+  }
+  return {height: document.documentElement.scrollHeight, longest, longestText, overflow};
+}"""
 # notebook -> (tables, rendered figures) its page must show at least
 FIGURES_AND_TABLES = {"baselines": (2, 2), "nas": (5, 4), "provenance": (1, 0)}
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -166,11 +292,14 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
 
 @pytest.mark.slow
 def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
+    if os.environ.get("CI"):  # under CI a missing browser is a failure, not a skip
+        import playwright.sync_api  # noqa: F401
+        assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing under CI: the Makefile's browser target must install it"
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
-    pages = toc_files(ROOT / "book" / "_toc.yml")
-    problems = []
+    pages = toc_files(ROOT / "book")
+    problems, heights = [], {}
     with playwright.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
         for name in pages:
@@ -210,11 +339,19 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
                 literal = page.evaluate("() => Array.from(document.querySelectorAll('mjx-assistive-mml'))"
                                         ".map(e => e.textContent).filter(t => t.includes('\\\\'))")
                 problems += [f"{name}: formula shown with a literal backslash: {t!r}" for t in literal]
+            checks = page.evaluate(PAGE_CHECKS_JS)
+            heights[name] = checks["height"]
+            if checks["longest"] > MAX_SHOWN_OUTPUT_LINES:
+                problems.append(f"{name}: an output block of {checks['longest']} lines is shown uncollapsed "
+                                f"(more than {MAX_SHOWN_OUTPUT_LINES}): {checks['longestText']!r}")
+            problems += [f"{name}: {t}" for t in checks["overflow"]]
             if name.startswith("runs/"):
                 page.screenshot(path=str(tmp_path / f"{name.split('/')[1]}.png"), full_page=False)
             problems += [f"{name}: {e}" for e in errors]
             page.close()
         browser.close()
+    (built_book["root"] / "page_heights.json").write_text(json.dumps(heights, indent=1))
+    print("page heights (px):", heights)
     assert not problems, "\n".join(problems)
 
 
@@ -241,3 +378,26 @@ def test_every_params_file_resolves_on_every_profile(params_file):
 def test_index_redirects_to_the_root_page(built_book):
     index = (built_book["index"]).read_text()
     assert 'http-equiv="Refresh"' in index and "intro.html" in index
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("nb_path", sorted((ROOT / "notebooks").rglob("*.ipynb")), ids=lambda p: p.stem)
+def test_run_all_as_in_jupyterlab(nb_path, tmp_path, monkeypatch):
+    """A template run as it stands (JupyterLab's Run All: its own folder as cwd, progress as bars,
+    no runner): no error, nothing on stderr (a missing ipywidgets prints TqdmWarning there)."""
+    import nbclient
+    import nbformat
+
+    _shared_data()
+    for var in ("RLMED_PROGRESS", "RLMED_LOG_FILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RLMED_BOOK", str(tmp_path / "book"))
+    monkeypatch.setenv("RLMED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RLMED_DATA", str(config.data_root()))
+    nb = nbformat.read(nb_path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(nb_path.parent)}}).execute()
+    bad = [(i, o.get("name") or o.get("ename"), (o.get("text") or o.get("evalue") or "")[:300])
+           for i, c in enumerate(nb.cells) if c.cell_type == "code" for o in c.outputs
+           if o.output_type == "error" or (o.output_type == "stream" and o.name == "stderr")]
+    assert not bad, bad

@@ -94,3 +94,187 @@ def test_placeholder_without_a_pinned_profile_names_the_books_profile(tmp_path):
     book_mod.execute_runs("quick", book)
     text = nbformat.read(tmp_path / "runs" / "nas" / "nas.ipynb", as_version=4).cells[0].source
     assert "params/nas.yaml --profile quick\n" in text
+
+
+# ---- one place for the book's metadata: the table of contents and the order come from _runs.yml ----
+
+ROOT = config.repo_root()
+
+
+def _toc_pages(spec: dict) -> list[tuple[str, str | None]]:
+    out = []
+
+    def walk(entries):
+        for e in entries:
+            out.append((e["file"], e.get("title")))
+            walk(e.get("sections", []))
+
+    for part in spec["parts"]:
+        walk(part["chapters"])
+    return out
+
+
+def test_toc_is_generated_from_runs_yml_with_titles_and_parents():
+    spec = book_mod.toc(ROOT / "book")
+    pages = dict(_toc_pages(spec))
+    for run in book_mod.planned_runs(ROOT / "book"):
+        page = f"runs/{run['notebook'].split('/')[-1][:-6]}/{run['name']}"
+        assert page in pages and pages[page] == run.get("title"), page
+    nas = next(c for c in spec["parts"][0]["chapters"] if c["file"] == "runs/nas/nas")
+    assert [s["file"] for s in nas["sections"]] == ["runs/nas/nas_reference", "runs/nas/nas_full"]
+    assert spec["root"] == "intro" and ("reproducibility", None) in _toc_pages(spec)
+
+
+def test_toc_yml_is_a_build_product():
+    """_toc.yml is written at every build from _runs.yml, so no hand-edited copy can disagree with it."""
+    import subprocess
+
+    ignored = subprocess.run(["git", "check-ignore", "-q", "--no-index", "book/_toc.yml"], cwd=ROOT).returncode == 0
+    assert ignored, "book/_toc.yml must be listed in .gitignore (helpers.book writes it)"
+
+
+def test_write_toc(tmp_path):
+    _book(tmp_path, "root: intro\nparts:\n  - caption: Methods\nruns:\n  - notebook: notebooks/nas.ipynb\n"
+                    "    params: params/nas.yaml\n    title: NAS\n")
+    text = book_mod.write_toc(tmp_path).read_text()
+    assert text.startswith("# Generated") and "runs/nas/nas" in text and "title: NAS" in text
+
+
+NEEDS = """
+runs:
+  - notebook: notebooks/provenance.ipynb
+    params: params/provenance.yaml
+    needs: "*"
+  - notebook: notebooks/nas.ipynb
+    params: params/nas.yaml
+    needs: [baselines]
+  - notebook: notebooks/baselines.ipynb
+    params: params/baselines.yaml
+"""
+
+
+def test_runs_are_ordered_by_what_they_need(tmp_path):
+    names = [r["name"] for r in book_mod.planned_runs(_book(tmp_path, NEEDS))]
+    assert names == ["baselines", "nas", "provenance"]
+    assert [r["name"] for r in book_mod.planned_runs(tmp_path, ordered=False)] == ["provenance", "nas", "baselines"]
+
+
+def test_the_books_nas_runs_come_after_the_baselines_they_read():
+    names = [r["name"] for r in book_mod.planned_runs(ROOT / "book")]
+    assert names.index("baselines") < min(names.index(n) for n in ("nas", "nas_reference", "nas_full"))
+    assert names[-1] == "provenance"
+
+
+def test_needs_naming_no_run_or_a_cycle_is_refused(tmp_path):
+    with pytest.raises(config.ParamsError, match="'baseline' names no run"):
+        book_mod.planned_runs(_book(tmp_path, "runs:\n  - notebook: notebooks/nas.ipynb\n    params: params/nas.yaml\n"
+                                               "    needs: [baseline]\n"))
+    cycle = ("runs:\n  - notebook: notebooks/nas.ipynb\n    params: params/nas.yaml\n    needs: [baselines]\n"
+             "  - notebook: notebooks/baselines.ipynb\n    params: params/baselines.yaml\n    needs: [nas]\n")
+    with pytest.raises(config.ParamsError, match="cycle"):
+        book_mod.planned_runs(_book(tmp_path, cycle))
+
+
+def test_a_new_chapter_needs_only_a_notebook_a_params_file_and_one_runs_entry(tmp_path):
+    """The method template copied as a new chapter: the table of contents, the run order and the
+    params resolution pick it up from its one _runs.yml entry (the slow test also builds it)."""
+    import shutil
+
+    from helpers.run import resolve
+
+    nb = tmp_path / "notebooks" / "newmethod.ipynb"
+    nb.parent.mkdir()
+    shutil.copy(ROOT / "notebooks" / "templates" / "method.ipynb", nb)
+    params = tmp_path / "newmethod.yaml"
+    params.write_text("seeds: [0]\n")
+    book = tmp_path / "book"
+    book.mkdir()
+    (book / "_runs.yml").write_text((ROOT / "book" / "_runs.yml").read_text()
+                                    + f"  - notebook: {nb}\n    params: {params}\n")
+    pages = [f for f, _ in _toc_pages(book_mod.toc(book))]
+    assert "runs/newmethod/newmethod" in pages
+    assert pages.index("runs/newmethod/newmethod") < pages.index("reproducibility")   # in the first part: Methods
+    assert book_mod.planned_runs(book)[-2]["name"] == "newmethod"                      # before the provenance page
+    assert resolve(nb, params, "smoke")["seeds"] == [0]
+
+
+# ---- published runs: tracked, small, shown where there is no local run ----
+
+PUBLISHABLE = ON_DEMAND.replace("name: nas_full", "name: nas_ref")
+
+
+def _finished_run(book, name="nas_ref"):
+    """A finished run on disk, as the runner leaves it (a page with its banner, a results folder)."""
+    page = book / "runs" / "nas" / f"{name}.ipynb"
+    page.parent.mkdir(parents=True, exist_ok=True)
+    record = {"notebook": "notebooks/nas.ipynb", "params_file": "params/nas.yaml", "run_name": name, "profile": "full",
+              "seeds": [0], "status": "complete", "started_utc": "then", "git": {"commit": "abc1234def"}, "wall_s": 9.0}
+    cells = [nbformat.v4.new_markdown_cell("# NAS"),
+             nbformat.v4.new_markdown_cell(banner(record), metadata={"tags": ["run-banner"]})]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), page)
+    res = book / "results" / "nas" / name
+    for rel, data in {"provenance.json": json.dumps(record), "params.yaml": "profile: full\n", "metrics.csv": "k,v\n",
+                      "units/strategy=rl__seed=0.json": "{}", "history/strategy=rl__seed=0.csv": "episode\n1\n",
+                      "tables/phase_mean_std.csv": "a\n1\n", "figures/reward_curves.png": "png",
+                      "figures/reward_curves.svg": "<svg/>", "logs/train.log": "epoch 1\n",
+                      "scores/u.npz": "x", "champions/scores/c.npz": "x", "champions/units/c.json": "{}",
+                      "big.csv": "x" * (book_mod.PUBLISH_MAX_BYTES + 1)}.items():
+        (res / rel).parent.mkdir(parents=True, exist_ok=True)
+        (res / rel).write_text(data)
+    return page, res
+
+
+def test_publish_copies_the_page_and_small_results_only(tmp_path, capsys):
+    book = _book(tmp_path, PUBLISHABLE)
+    _finished_run(book)
+    dest = tmp_path / "published"
+    target = book_mod.publish("nas_ref", book, dest)
+    assert target == dest / "nas" / "nas_ref"
+    files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    assert files == {"page.ipynb", "provenance.json", "params.yaml", "metrics.csv", "units/strategy=rl__seed=0.json",
+                     "history/strategy=rl__seed=0.csv", "tables/phase_mean_std.csv", "figures/reward_curves.png",
+                     "logs/train.log", "champions/units/c.json"}
+    page = nbformat.read(target / "page.ipynb", as_version=4)
+    assert "book/published/nas/nas_ref/" in page.cells[1].source and "book/results/" not in page.cells[1].source
+    assert page.metadata["rlmed"]["published"]["left_out"] == [f"big.csv ({(book_mod.PUBLISH_MAX_BYTES + 1) / 1e6:.1f} MB)"]
+    assert "[pub ]" in capsys.readouterr().out
+    nbformat.write(page, book / "runs" / "nas" / "nas_ref.ipynb")    # a published copy shown in the book
+    with pytest.raises(book_mod.RunError, match="published copy"):   # is not published again
+        book_mod.publish("nas_ref", book, tmp_path / "elsewhere")
+
+
+def test_publish_refuses_an_unfinished_run(tmp_path):
+    _book(tmp_path, PUBLISHABLE)
+    with pytest.raises(book_mod.RunError, match="no finished run"):
+        book_mod.publish("nas_ref", tmp_path, tmp_path / "published")
+    with pytest.raises(config.ParamsError, match="names no run"):
+        book_mod.publish("nope", tmp_path, tmp_path / "published")
+
+
+def test_on_demand_run_without_a_local_one_is_shown_from_published(tmp_path):
+    made = tmp_path / "made"
+    made.mkdir()
+    _book(made, PUBLISHABLE)
+    _finished_run(made)
+    dest = tmp_path / "published"
+    book_mod.publish("nas_ref", made, dest)
+    fresh = tmp_path / "fresh"          # a fresh clone: no book/runs, no book/results
+    fresh.mkdir()
+    _book(fresh, PUBLISHABLE)
+    records = book_mod.execute_runs("smoke", fresh, published=dest)
+    page = fresh / "runs" / "nas" / "nas_ref.ipynb"
+    assert not book_mod.is_placeholder(page) and records[0]["status"] == "complete"
+    assert nbformat.read(page, as_version=4).metadata["rlmed"]["published"]["commit"] == "abc1234def"
+    assert not (fresh / "results").exists()          # nothing pretends to be a local run
+    assert len(book_mod.published_provenance(dest)) == 1
+
+
+def test_published_runs_hold_no_weights_data_or_per_sample_arrays():
+    folder = book_mod.published_dir()
+    if not folder.is_dir():
+        pytest.skip("nothing published yet")
+    bad = [p for p in folder.rglob("*") if p.is_file() and (p.suffix in book_mod.UNPUBLISHED_SUFFIXES
+                                                          or p.stat().st_size > book_mod.PUBLISH_MAX_BYTES)]
+    assert not bad
+    for page in folder.glob("*/*/page.ipynb"):
+        assert nbformat.read(page, as_version=4).metadata["rlmed"]["published"]

@@ -106,7 +106,14 @@ def test_paths_from_environment(tmp_path, monkeypatch):
     assert config.data_root(tmp_path / "other") == (tmp_path / "other").resolve()
     assert config.cache_dir("ck") == tmp_path / "cache" / "ck" and (tmp_path / "cache" / "ck").is_dir()
     monkeypatch.delenv("RLMED_DATA")
-    assert config.data_root() == Path("~/.medmnist").expanduser()
+    fake = tmp_path / "repo"
+    monkeypatch.setattr(config, "repo_root", lambda: fake)
+    assert config.data_root() == Path("~/.medmnist").expanduser()   # no shared folder beside the repo
+    (tmp_path / "shared" / "data" / "medmnist").mkdir(parents=True)
+    (tmp_path / "shared" / "data" / "medmnist" / "breastmnist.npz").write_bytes(b"")
+    assert config.data_root() == (tmp_path / "shared" / "data" / "medmnist").resolve()
+    monkeypatch.undo()
+    monkeypatch.setenv("RLMED_BOOK", str(tmp_path / "book"))
     monkeypatch.delenv("RLMED_BOOK")
     assert config.book_dir() == config.repo_root() / "book"
     assert (config.repo_root() / "helpers" / "config.py").is_file()
@@ -168,14 +175,13 @@ def test_notebook_defaults(tmp_path):
 
 def test_resolve_reads_global_profile_and_run_files(tmp_path, monkeypatch):
     fake_repo = tmp_path / "repo"
-    write_params(fake_repo / "params" / "global.yaml", {"alpha": 10, "name": "global", "not_declared": 1})
+    write_params(fake_repo / "params" / "global.yaml", {"alpha": 10, "name": "global"})
     write_params(fake_repo / "params" / "profiles" / "quick.yaml", {"name": "quick-profile", "items": [9]})
     monkeypatch.setattr(config, "repo_root", lambda: fake_repo)
     nb = make_notebook(tmp_path / "tiny.ipynb")
     run_file = write_params(tmp_path / "r.yaml", {"items": [3], "profiles": {"quick": {"alpha": 42}}})
     out = run.resolve(nb, run_file, "quick")
     assert out["alpha"] == 42 and out["name"] == "quick-profile" and out["items"] == [3]
-    assert "not_declared" not in out
     out = run.resolve(nb, run_file, "smoke")  # no smoke.yaml, no profiles.smoke entry
     assert out["alpha"] == 10 and out["name"] == "global" and out["items"] == [3]
     assert run.resolve(nb, None, "full")["alpha"] == 10
@@ -183,6 +189,10 @@ def test_resolve_reads_global_profile_and_run_files(tmp_path, monkeypatch):
     with pytest.raises(ParamsError) as err:
         run.resolve(nb, bad, "quick")
     assert str(bad) in str(err.value) and "did you mean 'alpha'" in str(err.value)
+    # a typo in a shared layer is refused too, naming the file (no notebook declares it)
+    write_params(fake_repo / "params" / "global.yaml", {"alpah": 10})
+    with pytest.raises(ParamsError, match="(?s)global.yaml.*no notebook declares.*alpah.*did you mean 'alpha'"):
+        run.resolve(nb, run_file, "quick")
 
 
 # ---- run_notebook end to end ----------------------------------------------------------------------
@@ -205,8 +215,10 @@ def test_run_notebook_end_to_end(tmp_path, book, capsys):
     assert not executed.with_suffix(".failed.ipynb").exists()
     out = json.loads((res_dir / "out.json").read_text())
     assert out == {"alpha": 5, "name": "s", "items": [1, 2], "profile": "smoke", "run_name": "myrun"}
-    params = yaml.safe_load((res_dir / "params.yaml").read_text())
-    assert params["profile"] == "smoke" and params["alpha"] == 5 and params["name"] == "s"
+    text = (res_dir / "params.yaml").read_text()
+    params = yaml.safe_load(text)
+    assert params == {"alpha": 5, "name": "s", "fail": False, "items": [1, 2]}  # no runner keys
+    assert "profile smoke" in text and "--name myrun" in text
     prov = json.loads((res_dir / "provenance.json").read_text())
     assert prov == json.loads(json.dumps(record))
     assert prov["status"] == "complete" and prov["run_name"] == "myrun" and prov["profile"] == "smoke"
@@ -423,3 +435,193 @@ def test_resolve_device_names_the_fix_when_cuda_is_missing():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="no CUDA GPU.*Fix"):
             resolve_device("cuda")
+
+
+# ---- types, groups, names: refused before anything runs ---------------------------------------
+TYPED_SRC = """lr = 0.001
+seeds = [0, 1]
+max_eval: int | None = 128
+models = ["cnn"]
+fit = {"epochs": 1}
+group = {"width": 8, "depth": 2}
+open_map = {}
+kwargs: dict = {"cnn": {"widths": [8]}}
+profile = "smoke"
+run_name = "default"
+results_dir = None"""
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"lr": "1e-3"}, r"'lr' must be a number, got the string '1e-3'.*1\.0e-3"),
+    ({"lr": "fast"}, r"'lr' must be a number.*'fast'"),
+    ({"seeds": 3}, r"'seeds' must be list, got int 3.*seeds: \[3\]"),
+    ({"max_eval": "all"}, r"'max_eval' must be int or null"),
+    ({"models": ["resnet9000"]}, r"unknown model 'resnet9000'.*did you mean 'resnet'"),
+    ({"models": ["timm/notanet"]}, r"timm does not know"),
+    ({"fit": {"lr": "1e-3"}}, r"'fit.lr' must be a number"),
+    ({"fit": {"epoch": 3}}, r"group 'fit', FitConfig.*did you mean 'epochs'"),
+    ({"fit": {"patience": "ten"}}, r"'fit.patience' must be int or null"),
+    ({"group": {"widht": 3}}, r"group 'group'.*did you mean 'width'"),
+    ({"group": {"width": 2.5}}, r"'group.width' must be int"),
+    ({"profiles": {"quick": {"seeds": 1}}}, r"profiles.quick.*'seeds' must be list"),
+])
+def test_wrong_values_fail_before_papermill_starts(tmp_path, book, monkeypatch, bad, match):
+    import papermill
+
+    nb = make_notebook(tmp_path / "typed.ipynb", TYPED_SRC, body="print(1)")
+    pf = write_params(tmp_path / "bad.yaml", bad)
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: pytest.fail("papermill started"))
+    with pytest.raises(ParamsError, match="(?s)" + match) as err:
+        run.run_notebook(nb, pf, "quick")
+    assert str(pf) in str(err.value)
+    assert not (book / "results" / "typed" / "bad").exists()
+
+
+def test_accepted_values_and_deep_merge(tmp_path):
+    nb = make_notebook(tmp_path / "typed.ipynb", TYPED_SRC, body="print(1)")
+    pf = write_params(tmp_path / "ok.yaml", {
+        "lr": 1, "max_eval": None, "models": ["cnn", "timm/resnet10t"], "open_map": {"anything": [1]},
+        "kwargs": {"seresnet": {"depth": 3}}, "fit": {"lr": 0.01},
+        "group": {"width": 16}, "profiles": {"quick": {"group": {"depth": 5}, "fit": {"epochs": 4}}}})
+    out = run.resolve(nb, pf, "quick")
+    assert out["lr"] == 1 and out["max_eval"] is None
+    assert out["group"] == {"width": 16, "depth": 5}            # the profile kept the key it did not override
+    assert out["fit"] == {"epochs": 4, "lr": 0.01}
+    assert out["kwargs"] == {"cnn": {"widths": [8]}, "seresnet": {"depth": 3}}
+    assert out["open_map"] == {"anything": [1]}
+
+
+def test_deep_merge_keeps_what_it_does_not_override():
+    base = {"a": {"x": 1, "y": {"p": 1, "q": 2}}, "b": [1]}
+    out = config.deep_merge(base, {"a": {"y": {"q": 9}}, "b": [2]})
+    assert out == {"a": {"x": 1, "y": {"p": 1, "q": 9}}, "b": [2]}
+    assert base["a"]["y"]["q"] == 2  # inputs are not changed
+
+
+def test_stored_params_file_feeds_back_to_the_same_run(tmp_path, book):
+    nb = make_notebook(tmp_path / "nbs" / "tiny.ipynb")
+    pf = write_params(tmp_path / "params" / "myrun.yaml", {"alpha": 5, "profiles": {"quick": {"name": "q"}}})
+    first = run.run_notebook(nb, pf, "quick")
+    stored = book / "results" / "tiny" / "myrun" / "params.yaml"
+    assert run.resolve(nb, stored, "quick") == run.resolve(nb, pf, "quick")
+    again = run.run_notebook(nb, stored, "quick", run_name="myrun")  # refused before the fix: runner keys in it
+    assert again["params_sha256"] == first["params_sha256"]
+    out = json.loads((book / "results" / "tiny" / "myrun" / "out.json").read_text())
+    assert (out["alpha"], out["name"]) == (5, "q")
+
+
+def test_inputs_digest_covers_every_helpers_file(tmp_path, monkeypatch):
+    """Editing any file of the package (a .py source or a non-Python file such as a C kernel)
+    changes the digest, so a finished run is marked stale."""
+    fake = tmp_path / "repo"
+    (fake / "helpers" / "sub").mkdir(parents=True)
+    (fake / "helpers" / "a.py").write_text("x = 1\n")
+    (fake / "helpers" / "sub" / "kernel.c").write_text("int f(void) { return 1; }\n")
+    monkeypatch.setattr(config, "repo_root", lambda: fake)
+    nb = make_notebook(tmp_path / "tiny.ipynb")
+    d0 = run.inputs_digest(nb, {"a": 1})
+    assert d0 == run.inputs_digest(nb, {"a": 1})
+    (fake / "helpers" / "a.py").write_text("x = 2\n")
+    d1 = run.inputs_digest(nb, {"a": 1})
+    (fake / "helpers" / "sub" / "kernel.c").write_text("int f(void) { return 2; }\n")
+    d2 = run.inputs_digest(nb, {"a": 1})
+    assert len({d0, d1, d2}) == 3
+    assert d2 != run.params_digest(nb, {"a": 1})
+
+
+def test_global_and_profile_files_hold_only_declared_keys_and_params_files_only_differences():
+    """The real params/: shared layers name keys some notebook declares; a run's file repeats no default."""
+    root = config.repo_root()
+    declared = run.declared_anywhere()
+    for path in [root / "params" / "global.yaml", *sorted((root / "params" / "profiles").glob("*.yaml"))]:
+        check_keys(config.load_yaml(path), declared, str(path))
+    notebooks = {p.stem: p for p in (root / "notebooks").glob("*.ipynb")}
+    for pf in sorted((root / "params").glob("*.yaml")):
+        if pf.name == "global.yaml":
+            continue
+        nb = notebooks[pf.stem.split("_")[0]]
+        defaults = run.notebook_defaults(nb)
+        top = {k: v for k, v in config.load_yaml(pf).items() if k != "profiles"}
+        repeated = [k for k, v in top.items() if defaults.get(k) == v]
+        assert not repeated, f"{pf} repeats the notebook's defaults for {repeated}"
+
+
+def test_untracked_files_mark_the_tree_dirty(tmp_path):
+    import subprocess
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "a.txt").write_text("a")
+    subprocess.run(["git", "-C", str(tmp_path), "add", "a.txt"], check=True)
+    subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "a"],
+                   check=True)
+    assert repro.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "new.py").write_text("x = 1")
+    assert repro.git_state(tmp_path)["dirty"] is True
+
+
+# ---- Recorder.unit, scopes, stored weights ----------------------------------------------------
+def test_recorder_unit_is_computed_once_and_redone_for_other_settings(tmp_path, capsys):
+    rec = Recorder(tmp_path / "r")
+    calls = []
+
+    def compute(v=1.0):
+        calls.append(v)
+        return {"metrics": {"m": v}, "history": pd.DataFrame({"epoch": [1], "loss": [v]})}
+
+    a = rec.unit({"seed": 0}, compute, fingerprint={"lr": 1})
+    b = rec.unit({"seed": 0}, compute, fingerprint={"lr": 1})
+    assert a == b and a["metrics"] == {"m": 1.0} and calls == [1.0]
+    c = rec.unit({"seed": 0}, lambda: compute(2.0), fingerprint={"lr": 2})
+    assert c["metrics"] == {"m": 2.0} and calls == [1.0, 2.0] and "[redo]" in capsys.readouterr().out
+    assert rec.unit({"seed": 1}, lambda: None) is None and not rec.has_unit(seed=1)  # a non-main rank stores nothing
+
+
+def test_recorder_unit_is_redone_when_the_code_changes(tmp_path, monkeypatch):
+    rec = Recorder(tmp_path / "r")
+    calls = []
+    compute = lambda: calls.append(1) or {"metrics": {"m": 1}}  # noqa: E731
+    rec.unit({"seed": 0}, compute)
+    monkeypatch.setattr(repro, "unit_code_digest", lambda: "other code")
+    rec.unit({"seed": 0}, compute)
+    assert len(calls) == 2
+
+
+def test_unit_code_digest_covers_training_code_but_not_presentation(tmp_path):
+    fake = tmp_path / "helpers"
+    (fake / "nas" / "fast").mkdir(parents=True)
+    for name in ("train.py", "plots.py", "book.py"):
+        (fake / name).write_text("x = 1\n")
+    (fake / "nas" / "fast" / "kernels.c").write_text("int f(void);\n")
+    digest = lambda: repro.code_digest(fake, fresh=True, exclude=repro.PRESENTATION)  # noqa: E731
+    d0 = digest()
+    (fake / "plots.py").write_text("x = 2\n")
+    (fake / "book.py").write_text("x = 2\n")
+    assert digest() == d0                       # a new figure style does not retrain anything
+    (fake / "train.py").write_text("x = 2\n")
+    d1 = digest()
+    (fake / "nas" / "fast" / "kernels.c").write_text("int g(void);\n")
+    assert len({d0, d1, digest()}) == 3
+
+
+def test_recorder_scope_sets_aside_units_of_other_params(tmp_path):
+    root = tmp_path / "nb" / "default"
+    rec = Recorder(root, scope={"seeds": [0, 1], "epochs": 2})
+    for s in (0, 1):
+        rec.unit({"seed": s}, lambda s=s: {"metrics": {"m": s}})
+    (root / "provenance.json").write_text("{}")  # the runner's files stay where they are
+    assert len(Recorder(root, scope={"seeds": [0, 1], "epochs": 2}).units()) == 2
+    edited = Recorder(root, scope={"seeds": [0], "epochs": 2})      # a user edited the parameters cell
+    assert edited.units() == [] and (root / "provenance.json").is_file()
+    stale = list((tmp_path / "nb" / ".stale").glob("default-*/units/*.json"))
+    assert len(stale) == 2
+
+
+def test_recorder_stores_weights_and_loads_them_without_unpickling(tmp_path):
+    import torch
+    rec = Recorder(tmp_path)
+    state = {"w": torch.arange(4.0), "b": torch.zeros(2)}
+    rec.save_model({"seed": 0}, state)
+    back = rec.load_model(seed=0)
+    assert all(torch.equal(back[k], state[k]) for k in state)
+    with pytest.raises(FileNotFoundError, match="keep_model=True"):
+        rec.load_model(seed=1)
+    assert rec.model_path(seed=0).suffix == ".pt"  # *.pt is git-ignored

@@ -384,3 +384,28 @@ def test_kfold_multilabel_uses_argmax(tmp_path):
     folds = data.kfold(torch.from_numpy(y), 3, seed=0, path=tmp_path / "m.json")
     for _, va in folds:
         assert np.bincount(y[va].argmax(1), minlength=3).tolist() == [4, 4, 4]
+
+
+def test_labels_outside_the_flags_classes_are_refused_at_load(tmp_path, make_npz):
+    path = make_npz(tmp_path, "pneumoniamnist", n=(10, 4, 4))
+    arrays = dict(np.load(path))
+    arrays["val_labels"][1, 0] = 7  # a 7 in a binary task
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(data.DataError, match=r"pneumoniamnist.npz \(val split\).*\[7\].*2 classes.*Fix"):
+        data.load("pneumoniamnist", root=tmp_path, verify=False, download=False)
+
+
+def test_multilabel_labels_must_be_binary_columns(tmp_path, make_npz):
+    path = make_npz(tmp_path, "chestmnist", n=(10, 4, 4))
+    arrays = dict(np.load(path))
+    arrays["train_labels"][0, 0] = 2
+    np.savez_compressed(path, **arrays)
+    with pytest.raises(data.DataError, match="0/1 with 14 columns"):
+        data.load("chestmnist", root=tmp_path, verify=False, download=False)
+
+
+def test_a_data_root_that_is_a_file_is_named(tmp_path):
+    root = tmp_path / "medmnist"
+    root.write_text("not a folder")
+    with pytest.raises(data.DataError, match=r"data root .*medmnist is a file, not a folder.*Fix"):
+        data.load("breastmnist", root=root, download=True)

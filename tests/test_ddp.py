@@ -28,7 +28,7 @@ def test_ddp_two_ranks_identical(tmp_path):
         pytest.skip("torch.distributed with gloo is not available")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_ALBUMENTATIONS_UPDATE": "1",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "RLMED_PROGRESS": "none"}
+           "RLMED_PROGRESS": "none", "RLMED_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1",
            "--master_addr=127.0.0.1", f"--master_port={_free_port()}", str(WORKER), str(tmp_path)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
@@ -47,3 +47,8 @@ def test_ddp_two_ranks_identical(tmp_path):
     assert r0["val_acc"] == r1["val_acc"]
     for r in reports:
         assert r["loss"][-1] < r["loss"][0]
+    # a whole unit: both ranks return the one stored unit's metrics, rank 0 alone evaluated and stored it
+    assert r0["unit"]["metrics"] == r1["unit"]["metrics"]
+    assert {"val/acc", "test/acc", "test/auc", "params"} <= set(r0["unit"]["metrics"])
+    assert r0["unit"]["units"] == r1["unit"]["units"] == 1
+    assert len(list((tmp_path / "results" / "units").glob("*.json"))) == 1

@@ -192,3 +192,26 @@ def test_densenet_missing_weights(tmp_path: Path) -> None:
     message = str(info.value)
     assert str(missing) in message
     assert "downloaded beforehand" in message
+
+
+# ---- timm through the registry -------------------------------------------------------------
+def test_timm_models_through_the_registry(tmp_path):
+    import timm
+
+    from helpers.models import create_model, is_model
+    assert is_model("timm/resnet10t") and not is_model("timm/notanet")
+    m = create_model("timm/resnet10t", num_classes=3, in_chans=1)
+    out = m(torch.randn(2, 1, 32, 32))
+    assert out.shape == (2, 3)
+    with pytest.raises(KeyError, match="unknown timm model"):
+        create_model("timm/notanet", num_classes=3)
+    # pre-trained weights only from a local file: the body is loaded, the new head and stem adapted
+    src = timm.create_model("resnet10t", num_classes=1000, in_chans=3)
+    path = tmp_path / "resnet10t.pth"
+    torch.save(src.state_dict(), path)
+    m = create_model("timm/resnet10t", num_classes=5, in_chans=1, pretrained_file=path)
+    assert torch.equal(m.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    assert torch.allclose(m.conv1[0].weight, src.conv1[0].weight.sum(1, keepdim=True))
+    assert m.fc.weight.shape == (5, 512)
+    with pytest.raises(FileNotFoundError, match="no download"):
+        create_model("timm/resnet10t", num_classes=5, pretrained_file=tmp_path / "missing.pth")

@@ -1,13 +1,16 @@
-"""The NAS controller and search loop on toy rewards (no child training: a fake evaluator)."""
+"""The NAS search space and its rules, the controller, the search loop and its tables (fake evaluators)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pandas as pd
 import pytest
 import torch
 
-from helpers import nas
+from helpers import nas, report, stats
+from helpers.nas import allowed, parse_rule, sequential_mask
+from helpers.rl import CategoricalPolicy, update_baseline
 
 
 def fake_evaluate(archs, child_seeds, data_seed):
@@ -70,7 +73,8 @@ def test_controller_learns_a_toy_reward():
     """REINFORCE with a moving-average baseline: P(filters=16) rises when 16 filters pay."""
     torch.manual_seed(0)
     space = nas.SearchSpace()
-    cfg = nas.SearchConfig(space=space, episodes=200, children_per_update=4, lam=0.0, controller_lr=0.05)
+    cfg = nas.SearchConfig(space=space, episodes=200, children_per_update=4, lam=0.0,
+                           controller=nas.ControllerConfig(lr=0.05))
 
     def evaluate(archs, seeds, data_seed):
         return [{"val_acc": 1.0 if a[0]["filters"] == 16 else 0.0, "params": 0} for a in archs]
@@ -101,12 +105,13 @@ def test_every_strategy_runs_at_equal_budget(strategy):
     df = nas.run_search(strategy, 1, cfg, fake_evaluate, log=None)
     assert len(df) == 10 and list(df["episode"]) == list(range(1, 11))
     assert (df["reward"] == df["val_acc"] - 1e-6 * df["params"]).all()
-    if strategy.endswith("masked"):
+    spec = nas.STRATEGIES[strategy]
+    if spec.masked:
         assert (df["filters"] != 128).all()
-    if strategy.startswith("rl"):
+    if spec.learns:
         for key in ("rl/reward", "rl/baseline", "rl/advantage", "rl/entropy"):
             assert df[key].notna().all()
-        if strategy == "rl_faithful":
+        if spec.faithful:
             assert df["rl/advantage"].to_numpy() == pytest.approx(df["rl/reward"].to_numpy(), abs=1e-6)  # no baseline, as in the reference
     else:
         assert "rl/reward" not in df
@@ -155,3 +160,203 @@ def test_tables_champions_and_paired_test():
     last_t, best_t = nas.compare_strategies(eps, last=3)
     assert list(zip(last_t["a"], last_t["b"])) == [("rl", "random")]   # only pairs whose strategies ran
     assert last_t["last"].iloc[0] == 3 and best_t["mean_a"].iloc[0] == pytest.approx(best["mean_a"])
+
+
+def test_strategy_table():
+    """Every strategy says what it is; every learned one names a non-learned control with the same masking."""
+    assert list(nas.STRATEGIES) == ["random", "random_masked", "rl", "rl_masked", "rl_faithful"]
+    for name, spec in nas.STRATEGIES.items():
+        assert spec.name == name and spec.what
+        if spec.learns:
+            control = nas.STRATEGIES[spec.control]
+            assert not control.learns and control.masked == spec.masked
+        else:
+            assert spec.control is None and not spec.faithful
+    for a, b in nas.COMPARISONS:
+        assert a in nas.STRATEGIES and b in nas.STRATEGIES
+    assert {(s.name, s.control) for s in nas.STRATEGIES.values() if s.control and not s.faithful} <= set(nas.COMPARISONS)
+    assert nas.learned_strategies(["random", "rl_faithful", "rl"]) == ["rl_faithful", "rl"]
+
+
+def varied_evaluate(archs, child_seeds, data_seed):
+    """Rewards that differ from group to group (data_seed is the group), so baseline timing shows."""
+    return [{"val_acc": 0.5 + 0.03 * (data_seed % 7) + 0.001 * a[0]["filters"] / 16, "params": 0} for a in archs]
+
+
+@pytest.mark.parametrize("strategy", ["rl", "rl_masked"])
+def test_advantage_uses_the_baseline_before_this_groups_rewards(strategy):
+    """b_0 = mean(R_0); A_g = R_g - b_g; b_(g+1) = decay * b_g + (1 - decay) * mean(R_g)."""
+    cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=15, children_per_update=3, lam=0.0,
+                           controller=nas.ControllerConfig(baseline_decay=0.8))
+    df = nas.run_search(strategy, 2, cfg, varied_evaluate, log=None)
+    groups = [df.iloc[i:i + 3] for i in range(0, 15, 3)]
+    expected = None
+    for g in groups:
+        r = torch.tensor(g["rl/reward"].tolist())
+        expected = update_baseline(None, r, cfg.controller.baseline_decay) if expected is None else expected
+        assert (g["rl/baseline"] == float(expected)).all()
+        assert g["rl/advantage"].to_numpy() == pytest.approx((r - expected).numpy(), abs=1e-7)
+        expected = update_baseline(expected, r, cfg.controller.baseline_decay)
+    assert groups[1]["rl/baseline"].iloc[0] != groups[2]["rl/baseline"].iloc[0]   # b_1 = b_0 = mean(R_0)
+
+
+def test_champions_are_the_highest_reward_first_on_ties():
+    eps = pd.DataFrame({"strategy": ["rl"] * 4 + ["random"] * 3, "seed": [0, 0, 0, 1, 0, 0, 0],
+                        "episode": [1, 2, 3, 1, 1, 2, 3], "arch": list("abcdefg"),
+                        "reward": [0.2, 0.9, 0.9, 0.1, 0.5, 0.3, 0.4]})
+    champs = nas.champions(eps).set_index(["strategy", "seed"])
+    assert champs.loc[("rl", 0), "arch"] == "b"          # the best, and the first of two equal ones
+    assert champs.loc[("rl", 1), "arch"] == "d"
+    assert champs.loc[("random", 0), "arch"] == "e"
+    assert (champs["reward"] == eps.groupby(["strategy", "seed"])["reward"].max().reindex(champs.index)).all()
+
+
+@pytest.mark.parametrize("strategy", ["rl_masked", "random_masked"])
+def test_two_layer_masked_search_applies_the_rules_per_layer(strategy):
+    rules = ["filters == 128", "kernel == 5 and filters >= 64"]
+    space = nas.SearchSpace(layers=2)
+    per_layer = 24 - 6 - 3                                    # no 128 filters; no 5x5 with 64 filters
+    cands = space.all_indices(rules)
+    assert len(cands) == per_layer ** 2
+    archs = [space.decode(c) for c in cands]
+    assert any(a[0]["kernel"] == 5 and a[1]["filters"] == 64 for a in archs)    # across layers: allowed
+    cfg = nas.SearchConfig(space=space, episodes=12, children_per_update=4, mask_rules=rules)
+    df = nas.run_search(strategy, 0, cfg, fake_evaluate, log=None)
+    for layer in ("l0", "l1"):
+        assert (df[f"{layer}.filters"] != 128).all()
+        assert not ((df[f"{layer}.kernel"] == 5) & (df[f"{layer}.filters"] >= 64)).any()
+
+
+def test_generic_stats_and_sentences():
+    df = pd.DataFrame({"method": ["ens"] * 3 + ["avg"] * 3, "fold": [0, 1, 2] * 2,
+                       "acc": [0.81, 0.83, 0.86, 0.80, 0.81, 0.83]})
+    row = stats.paired_comparison(df, "ens", "avg", "acc", by="method", unit="fold")
+    assert row["n_folds"] == 3 and row["mean_diff"] == pytest.approx(0.02) and 0 < row["p"] < 1
+    table = stats.compare_pairs(df, [("ens", "avg"), ("ens", "cutout")], "acc", by="method", unit="fold")
+    assert list(zip(table["a"], table["b"])) == [("ens", "avg")]
+    text = report.comparison_sentence(row, "Test ACC", unit="fold")
+    assert text.startswith("Test ACC 0.8333 vs 0.8133 (difference +0.0200; paired t-test over 3 folds: t = ")
+    assert "little power" in report.power_note(3, "fold") and report.power_note(5) == ""
+    assert stats.holm([0.01, 0.04, float("nan"), 0.03]) == pytest.approx([0.03, 0.06, float("nan"), 0.06], nan_ok=True)
+
+
+# ------------------------------------------------------------------------------- rules --
+SPACE = {"filters": [16, 32, 64, 128], "kernel": [3, 5], "dropout": [0.1, 0.25, 0.5]}
+RULES = ["filters == 128", "kernel == 5 and filters >= 64"]
+
+
+def test_rule_parsing_and_evaluation():
+    r = parse_rule("kernel == 5 and filters >= 64", SPACE)
+    assert r.names == {"kernel", "filters"}
+    assert r({"kernel": 5, "filters": 64}) is True
+    assert r({"kernel": 3, "filters": 64}) is False
+    assert parse_rule("filters in [16, 32]", SPACE)({"filters": 16})
+    assert parse_rule("filters not in (16, 32)", SPACE)({"filters": 64})
+    assert parse_rule("filters in {16, 32}", SPACE)({"filters": 32})
+    assert parse_rule("16 < filters <= 64", SPACE)({"filters": 64})
+    assert not parse_rule("16 < filters <= 64", SPACE)({"filters": 16})
+    assert parse_rule("not (dropout > 0.2) or kernel != 3", SPACE)({"dropout": 0.1, "kernel": 3})
+    assert not parse_rule("dropout > -1 and not kernel == 3", SPACE)({"dropout": 0.1, "kernel": 3})
+    with pytest.raises(ValueError, match="could not be evaluated"):
+        parse_rule("filters < 'a'", SPACE)({"filters": 16})
+    with pytest.raises(ValueError, match="needs decisions"):
+        r({"kernel": 5})
+
+
+@pytest.mark.parametrize(
+    "rule,what",
+    [
+        ("__import__('os')", "function call"),
+        ("filters.__class__ == 1", "attribute access"),
+        ("().__class__.__bases__", "attribute access"),
+        ("filters + 1 == 2", "arithmetic"),
+        ("[x for x in filters]", "comprehension"),
+        ("filters[0] == 1", "subscript"),
+        ("filters == None", "None"),
+        ("(lambda: 1)() == 1", "call"),
+        ("filters in [kernel]", "only constants"),
+        ("-filters == -16", "unary operator"),
+        ("filters is 16", "comparison operator Is"),
+    ],
+)
+def test_forbidden_constructs_rejected(rule, what):
+    with pytest.raises(ValueError) as e:
+        parse_rule(rule, SPACE)
+    msg = str(e.value)
+    assert rule in msg and "not allowed" in msg and what in msg
+
+
+def test_unknown_decision_and_bad_rules():
+    with pytest.raises(ValueError, match="unknown decision 'width'") as e:
+        nas.SearchSpace().parse_rules(["width == 3"])
+    assert "filters" in str(e.value) and "kernel" in str(e.value)
+    with pytest.raises(ValueError, match="not a valid expression"):
+        parse_rule("filters ==", SPACE)
+    with pytest.raises(ValueError, match="mentions no decision"):
+        parse_rule("1 == 1", SPACE)
+    with pytest.raises(ValueError, match="unknown decision 'os'"):
+        allowed({"filters": 16}, ["os == 1"])
+    with pytest.raises(ValueError, match="unknown decision 'filters'; valid decisions are \\['width'\\]"):
+        parse_rule(parse_rule("filters == 16", SPACE), ["width"])      # a parsed rule in another space
+
+
+def test_allowed():
+    assert allowed({"filters": 32, "kernel": 5, "dropout": 0.1}, RULES)
+    assert not allowed({"filters": 64, "kernel": 5, "dropout": 0.1}, RULES)
+    assert not allowed({"filters": 128, "kernel": 3, "dropout": 0.1}, RULES)
+    assert allowed({"filters": 64, "kernel": 3, "dropout": 0.1}, RULES)
+
+
+def test_sequential_mask():
+    rules = nas.parse_rules(RULES, SPACE)                             # parsed once, used at every step
+    assert sequential_mask(SPACE, rules, {}, "kernel").tolist() == [True, True]
+    assert sequential_mask(SPACE, rules, {"kernel": 5}, "filters").tolist() == [True, True, False, False]
+    assert sequential_mask(SPACE, rules, {"kernel": 3}, "filters").tolist() == [True, True, True, False]
+    assert sequential_mask(SPACE, rules, {}, "filters").tolist() == [True, True, True, False]
+    assert sequential_mask(SPACE, rules, {"filters": 64}, "kernel").tolist() == [True, False]
+    assert sequential_mask(SPACE, rules, {"filters": 16, "kernel": 5}, "dropout").tolist() == [True] * 3
+    with pytest.raises(ValueError, match="unknown decision"):
+        sequential_mask(SPACE, rules, {"width": 1}, "kernel")
+    with pytest.raises(ValueError, match="already chosen"):
+        sequential_mask(SPACE, rules, {"kernel": 3}, "kernel")
+    with pytest.raises(ValueError, match="no value of decision 'kernel'"):
+        sequential_mask(SPACE, ["kernel in [3, 5]"], {}, "kernel")
+
+
+def test_sequential_mask_sampling_only_yields_allowed_archs():
+    rules = RULES + ["dropout == 0.5 and kernel == 3", "filters == 16 and dropout != 0.1"]
+    order = ["filters", "kernel", "dropout"]
+    all_allowed = {arch for arch in itertools.product(*(SPACE[k] for k in order))
+                   if allowed(dict(zip(order, arch)), rules)}
+    torch.manual_seed(0)
+    policies = {k: CategoricalPolicy(len(SPACE[k])) for k in order}
+    parsed = nas.parse_rules(rules, SPACE)
+    seen = set()
+    for _ in range(300):
+        chosen = {}
+        for k in order:
+            idx = int(policies[k](sequential_mask(SPACE, parsed, chosen, k)).sample())
+            chosen[k] = SPACE[k][idx]
+        seen.add(tuple(chosen[k] for k in order))
+    assert seen == all_allowed  # only allowed archs, and every one of them is reachable
+
+
+def test_search_all_reuses_a_stored_search_and_redoes_it_for_another_config(tmp_path):
+    from helpers.results import Recorder
+
+    calls = []
+
+    def counting(archs, child_seeds, data_seed):
+        calls.append(len(archs))
+        return fake_evaluate(archs, child_seeds, data_seed)
+
+    rec = Recorder(tmp_path / "r")
+    cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=4, children_per_update=2)
+    first = nas.search_all(rec, ["random", "rl"], [0], cfg, counting, log=None)
+    n = len(calls)
+    again = nas.search_all(rec, ["random", "rl"], [0], cfg, counting, log=None)
+    assert len(calls) == n  # stored units are not redone
+    pd.testing.assert_frame_equal(first, again)
+    other = nas.SearchConfig(space=nas.SearchSpace(), episodes=6, children_per_update=2)
+    redone = nas.search_all(rec, ["random"], [0], other, counting, log=None)
+    assert len(calls) > n and redone["episode"].max() == 6

@@ -33,13 +33,13 @@ def _grid(fig) -> tuple[int, int]:
 def test_learning_curves_one_row_per_metric_one_column_per_flag():
     fig = plots.learning_curves(_histories(True))
     assert _grid(fig) == (3, 2)
-    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["train/loss", "val/loss", "val/auc"]
+    assert [ax.get_ylabel() for ax in fig.axes[::2]] == ["train loss", "val loss", "val AUC"]
 
 
 def test_learning_curves_without_columns_lays_metrics_side_by_side():
     fig = plots.learning_curves(_histories(False), col="none")
     assert _grid(fig) == (1, 3)
-    assert [ax.get_ylabel() for ax in fig.axes] == ["train/loss", "val/loss", "val/auc"]
+    assert [ax.get_ylabel() for ax in fig.axes] == ["train loss", "val loss", "val AUC"]
     assert fig.axes[-1].get_legend() is not None and fig.axes[0].get_legend() is None
 
 
@@ -71,3 +71,32 @@ def test_reward_curves_moving_average_is_drawn_per_strategy():
     legend = ax.get_legend()
     assert {t.get_text() for t in legend.get_texts()} == {"rl", "random"}
     assert legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1   # outside the plotting area
+
+
+def _drawn_width_in(fig) -> float:
+    """Width of the saved figure (tight bounding box, legends included), in inches."""
+    fig.canvas.draw()
+    return fig.get_tightbbox(fig.canvas.get_renderer()).width
+
+
+@pytest.mark.parametrize("make", [
+    lambda: plots.learning_curves(_histories(True)),
+    lambda: plots.learning_curves(_histories(False), col="none"),
+    lambda: plots.reward_curves(pd.DataFrame({"strategy": ["rl", "random"] * 6, "seed": [0] * 12,
+                                              "episode": np.repeat(np.arange(1, 7), 2), "rl/reward": np.linspace(0, 1, 12)})),
+    lambda: plots.compare_with_published(
+        pd.DataFrame({"flag": ["a", "a", "b", "b", "c", "c"], "model": ["cnn", "densenet121"] * 3,
+                      "test/acc": np.linspace(0.5, 0.9, 6)}),
+        pd.DataFrame({"flag": ["a", "b", "c"], "method": ["ResNet-18 (28)"] * 3, "acc": [0.8, 0.8, 0.8]})),
+], ids=["learning-grid", "learning-row", "reward", "published"])
+def test_figures_fit_the_text_column(make):
+    fig = make()
+    assert _drawn_width_in(fig) <= plots.TEXT_WIDTH + 0.3
+
+
+def test_single_point_curves_show_markers():
+    """One epoch (the smoke defaults): a line of one point draws nothing without a marker."""
+    df = _histories(True)
+    fig = plots.learning_curves(df[df["epoch"] == 1])
+    assert all(any(line.get_marker() not in (None, "None", "") and len(line.get_xdata()) for line in ax.lines)
+               for ax in fig.axes)

@@ -21,6 +21,7 @@ from helpers.train import (
     NonFiniteLossError,
     evaluate,
     fit,
+    load_checkpoint,
     make_criterion,
 )
 
@@ -81,8 +82,9 @@ def cfg(**kw):
     return FitConfig(**base)
 
 
-def state_equal(a: dict, b: dict, atol=1e-6) -> bool:
-    return a.keys() == b.keys() and all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
+def state_equal(a: dict, b: dict) -> bool:
+    """Bit-for-bit equal state dicts (resume and reuse are exact, not approximate)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 class ScriptedScore(Hook):
@@ -130,7 +132,7 @@ def test_best_epoch_weights_are_returned(splits, monitor, scores, best):
     assert res.best_score == scores[best - 1]
     assert len(res.history) == 4
     final = res.model.state_dict()
-    assert state_equal(final, hook.snapshots[best], atol=0)
+    assert state_equal(final, hook.snapshots[best])
     assert not state_equal(final, hook.snapshots[4])  # not simply the last epoch
 
 
@@ -255,7 +257,7 @@ def test_nan_loss_raises_and_keeps_checkpoint(splits, tmp_path):
     msg = str(err.value)
     assert "epoch 2" in msg and "Fix:" in msg and "grad_clip" in msg and "lr" in msg
     assert isinstance(err.value, FloatingPointError)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_checkpoint(ckpt)
     assert state["epoch"] == 1 and not state["finished"]
     assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
     # the run continues from the last good epoch once the cause is gone
@@ -299,17 +301,17 @@ def test_resume_equals_uninterrupted_run(splits, tmp_path, schedule):
     ckpt = tmp_path / "run.pt"
     with pytest.raises(KeyboardInterrupt):
         run(ckpt, seed=0, hooks=[InterruptAt(epoch=4, batch=2)])
-    assert torch.load(ckpt, map_location="cpu", weights_only=False)["epoch"] == 3
+    assert load_checkpoint(ckpt)["epoch"] == 3
     # a new process would start from other seeds: the checkpoint must restore every RNG
     res = run(ckpt, seed=123)
     assert res.resumed_from == 3
-    pd.testing.assert_frame_equal(_history(res), _history(ref), check_exact=False, rtol=1e-5, atol=1e-6)
+    pd.testing.assert_frame_equal(_history(res), _history(ref), check_exact=True)
     assert res.best_epoch == ref.best_epoch
-    assert state_equal(res.model.state_dict(), ref.model.state_dict(), atol=1e-5)
-    last_ref = torch.load(tmp_path / "ref.pt", map_location="cpu", weights_only=False)
-    last = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state_equal(res.model.state_dict(), ref.model.state_dict())
+    last_ref = load_checkpoint(tmp_path / "ref.pt")
+    last = load_checkpoint(ckpt)
     assert last["finished"] and last["epoch"] == 6
-    assert state_equal(last["model"], last_ref["model"], atol=1e-5)
+    assert state_equal(last["model"], last_ref["model"])
 
 
 def test_finished_checkpoint_returns_without_training(splits, tmp_path):
@@ -325,7 +327,7 @@ def test_finished_checkpoint_returns_without_training(splits, tmp_path):
     again = fit(model_for(seed=9), *loaders(splits), BINARY, c, checkpoint=ckpt, hooks=[NoTraining()])
     assert again.resumed_from == 3 and again.best_epoch == first.best_epoch
     pd.testing.assert_frame_equal(again.history, first.history)
-    assert state_equal(again.model.state_dict(), first.model.state_dict(), atol=0)
+    assert state_equal(again.model.state_dict(), first.model.state_dict())
     assert ckpt.stat().st_mtime_ns == mtime
 
 
@@ -340,11 +342,11 @@ def test_checkpoint_of_other_config_starts_afresh(splits, tmp_path, capsys):
 # ---- tasks and losses -------------------------------------------------------------------------
 def test_multilabel_uses_bce():
     crit = make_criterion(MULTI_LABEL)
-    assert isinstance(crit, nn.BCEWithLogitsLoss)
-    assert isinstance(make_criterion(BINARY), nn.CrossEntropyLoss)
-    assert isinstance(make_criterion("ordinal-regression"), nn.CrossEntropyLoss)
+    assert isinstance(crit.loss, nn.BCEWithLogitsLoss)
+    assert isinstance(make_criterion(BINARY).loss, nn.CrossEntropyLoss)
+    assert isinstance(make_criterion("ordinal-regression").loss, nn.CrossEntropyLoss)
     w = torch.tensor([1.0, 3.0])
-    assert torch.equal(make_criterion("multi-class", w).weight, w)
+    assert torch.equal(make_criterion("multi-class", w).loss.weight, w)
     train, val = multilabel(128, 0), multilabel(64, 1)
     model = model_for(n_out=2)
     res = fit(model, TensorLoader(train, 32, shuffle=True), TensorLoader(val, 64), MULTI_LABEL,

@@ -1,7 +1,7 @@
 """Model registry and architectures.
 
 Importing this package registers the built-in models: ``"cnn"``, ``"resnet"``,
-``"seresnet"``, ``"seresnet_mura"`` and ``"densenet121"``. Build one with
+``"seresnet"``, ``"seresnet_mura"``, ``"densenet121"`` and ``"nas_child"``. Build one with
 ``create_model(name, num_classes, in_chans=1, **kwargs)``; every model maps
 ``(B, in_chans, H, W)`` images to logits ``(B, num_classes)``.
 """
@@ -17,8 +17,9 @@ from .registry import (
 )
 
 # Imported for their registration side effect.
-from . import cnn, densenet, seresnet  # noqa: E402,F401  isort: skip
+from . import cnn, densenet, nas_child, seresnet  # noqa: E402,F401  isort: skip
 from .cnn import SimpleCNN
+from .nas_child import NASChild
 from .seresnet import MURA_CONFIG, SEResNet
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "SpatialAttention",
     "ResidualBlock",
     "SimpleCNN",
+    "NASChild",
     "SEResNet",
     "MURA_CONFIG",
 ]

@@ -64,8 +64,11 @@ def list_models() -> list[str]:
 
 
 def is_model(name: str) -> bool:
-    """Whether ``name`` is registered."""
-    return name in _REGISTRY
+    """Whether ``name`` is registered, or ``timm/<an architecture timm knows>``."""
+    if name in _REGISTRY:
+        return True
+    from .timm_models import is_timm_name
+    return is_timm_name(name)
 
 
 def get_model_factory(name: str) -> ModelFactory:
@@ -89,13 +92,19 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, **kwargs: Any) 
     Returns:
         The model; its forward maps ``(B, in_chans, H, W)`` to logits ``(B, num_classes)``.
 
+    ``timm/<arch>`` builds any timm architecture (see :mod:`helpers.models.timm_models`), with
+    pre-trained weights only from a local ``pretrained_file``.
+
     Raises:
         KeyError: ``name`` is not registered; the message lists the valid names.
     """
+    if name.startswith("timm/") and name not in _REGISTRY:
+        from .timm_models import create_timm_model
+        return create_timm_model(name, num_classes=num_classes, in_chans=in_chans, **kwargs)
     factory = get_model_factory(name)
     return factory(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
 def _unknown_message(name: str) -> str:
     valid = ", ".join(list_models()) or "<none>"
-    return f"unknown model {name!r}; valid models: {valid}"
+    return f"unknown model {name!r}; valid models: {valid}, or timm/<name> for any timm architecture"

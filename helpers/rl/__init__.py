@@ -1,6 +1,5 @@
-"""Reinforcement-learning helpers: REINFORCE pieces, tiny policies, rule masking."""
+"""Reinforcement-learning helpers: REINFORCE pieces and tiny policies (masking rules: :mod:`helpers.nas.rules`)."""
 
-from .masking import Rule, allowed, parse_rule, parse_rules, rule_masks, sequential_mask
 from .policies import (
     MASK_VALUE,
     BernoulliPolicy,
@@ -35,11 +34,4 @@ __all__ = [
     "LogitBernoulli",
     "BetaPolicy",
     "sample",
-    # masking
-    "Rule",
-    "parse_rule",
-    "parse_rules",
-    "rule_masks",
-    "allowed",
-    "sequential_mask",
 ]

@@ -39,9 +39,15 @@ def medmnist_v2_table(flags: list[str] | None = None) -> pd.DataFrame:
 RLMEDNAS_SOURCE = ("Ashwashhere/RLMedNAS README (one run, no seeds; rows are means over the 100 episodes of "
                    "each phase: reward = accuracy - 1e-6 * params exactly)")
 
-# phase -> (mean reward, mean params, mean val accuracy), OrganAMNIST val split, 5-epoch children.
+# phase -> (mean reward, mean params, mean val accuracy), OrganAMNIST val split, 5-epoch children;
+# all three phases used the reference's controller (constant input, no baseline).
 RLMEDNAS = {"random": (0.8215, 132_503, 0.9540), "rl": (0.8571, 98_987, 0.9561),
             "rl_masked": (0.9084, 46_557, 0.9549)}
+
+
+# Val images the reference scored: its val loader used drop_last with batches of 128, so 6,400 of
+# OrganAMNIST's 6,491 (we score all of them).
+RLMEDNAS_VAL_SCORED = 6400
 
 
 def rlmednas_table() -> pd.DataFrame:

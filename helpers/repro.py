@@ -55,16 +55,19 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 _CODE_DIGEST: dict[tuple, str] = {}
 
-#: Modules that only present stored results (pages, tables, figures, sentences, the runner): a change
+#: Files that only present stored results (pages, tables, figures, sentences, the runner): a change
 #: to them re-renders pages but does not redo units. Every other file of the package shapes units.
 PRESENTATION = ("book.py", "page.py", "plots.py", "report.py", "stats.py", "run.py", "sphinx_ext.py",
-                "reference.py")
+                "reference.py", "nas/analysis.py", "nas/protocol.py")
+#: Subpackages a plain supervised unit (train_and_test without hooks or a custom criterion) never imports.
+NOT_SUPERVISED = ("nas", "rl")
 
 
 def code_digest(root: Path | None = None, fresh: bool = False, exclude: tuple[str, ...] = ()) -> str:
     """SHA-256 over every file of the ``helpers`` package (``.py``, the ``.c`` kernel, any data file),
-    by path and content; ``__pycache__`` and the top-level modules named in ``exclude`` are skipped.
-    Computed once per process (the code a process runs is the code it imported) unless ``fresh``."""
+    by path and content; ``__pycache__`` and the files or folders named in ``exclude`` (paths relative
+    to the package) are skipped. Computed once per process (the code a process runs is the code it
+    imported) unless ``fresh``."""
     import hashlib
 
     root = Path(root) if root else Path(__file__).resolve().parent
@@ -73,7 +76,8 @@ def code_digest(root: Path | None = None, fresh: bool = False, exclude: tuple[st
         h = hashlib.sha256()
         for src in sorted(p for p in root.rglob("*") if p.is_file() and "__pycache__" not in p.parts
                           and p.suffix not in (".pyc", ".so", ".o")):
-            if src.parent == root and src.name in exclude:
+            rel = src.relative_to(root).as_posix()
+            if any(rel == e or rel.startswith(e.rstrip("/") + "/") for e in exclude):
                 continue
             h.update(src.relative_to(root.parent).as_posix().encode())
             h.update(src.read_bytes())
@@ -81,10 +85,11 @@ def code_digest(root: Path | None = None, fresh: bool = False, exclude: tuple[st
     return _CODE_DIGEST[key]
 
 
-def unit_code_digest() -> str:
-    """Digest of the code that makes units (the package less :data:`PRESENTATION`): stored in each
-    unit's fingerprint, so a unit made by other code is recomputed rather than shown as this code's."""
-    return code_digest(exclude=PRESENTATION)
+def unit_code_digest(supervised: bool = False) -> str:
+    """Digest of the code that makes units (the package less :data:`PRESENTATION`; for a plain
+    ``supervised`` unit also less :data:`NOT_SUPERVISED`): stored in each unit's fingerprint, so a
+    unit made by other code is recomputed rather than shown as this code's."""
+    return code_digest(exclude=PRESENTATION + (NOT_SUPERVISED if supervised else ()))
 
 
 def git_state(root: Path | None = None) -> dict:

@@ -126,19 +126,19 @@ class Recorder:
 
     # ---- units -------------------------------------------------------------------------
     def unit(self, keys: Mapping[str, Any], compute: Callable[[], Mapping[str, Any] | None], *,
-             fingerprint: Mapping[str, Any] | None = None) -> dict | None:
+             fingerprint: Mapping[str, Any] | None = None, code: str | None = None) -> dict | None:
         """The stored unit ``keys`` when it was made with the same ``fingerprint``; else ``compute()``
         it, store it and return it. Returns the unit record (``keys``, ``metrics``, extras).
 
         ``compute()`` returns a mapping with ``metrics`` and optionally ``history`` (DataFrame),
         ``scores`` (arrays), ``model`` (a state dict, stored as ``models/<unit>.pt``) and ``extra``
         (JSON-able). It may return ``None`` (e.g. a non-main DDP rank): nothing is stored.
-        The fingerprint always includes the digest of the code that makes units
-        (:func:`helpers.repro.unit_code_digest`), so a change to it redoes the unit.
+        The fingerprint always includes the digest of the code that makes units (``code``, default
+        :func:`helpers.repro.unit_code_digest`), so a change to that code redoes the unit.
         """
         from .repro import unit_code_digest
 
-        fp = digest({"unit": dict(fingerprint or {}), "code": unit_code_digest()})
+        fp = digest({"unit": dict(fingerprint or {}), "code": code or unit_code_digest()})
         path = self.root / "units" / f"{unit_name(**keys)}.json"
         if path.is_file():
             stored = read_json(path)

@@ -179,9 +179,12 @@ def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, 
 
 
 def params_digest(notebook: Path, params: dict) -> str:
-    """SHA-256 over the notebook and the resolved params: what the stored units were made with."""
+    """SHA-256 over the notebook's name and the resolved params: what decides whether a results
+    folder's units belong to this run. An edit of the notebook alone re-executes the page
+    (:func:`inputs_digest`) but keeps the units: each carries its own fingerprint (settings, data,
+    unit code; :meth:`helpers.results.Recorder.unit`) and is redone when that differs."""
     h = hashlib.sha256()
-    h.update(notebook.read_bytes())
+    h.update(Path(notebook).stem.encode())
     h.update(json.dumps(params, sort_keys=True, default=str).encode())
     return h.hexdigest()
 
@@ -192,6 +195,7 @@ def inputs_digest(notebook: Path, params: dict) -> str:
     from .repro import code_digest
 
     h = hashlib.sha256(params_digest(notebook, params).encode())
+    h.update(Path(notebook).read_bytes())
     h.update(code_digest(config.repo_root() / "helpers", fresh=True).encode())
     return h.hexdigest()
 

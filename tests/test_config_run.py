@@ -580,7 +580,7 @@ def test_recorder_unit_is_redone_when_the_code_changes(tmp_path, monkeypatch):
     calls = []
     compute = lambda: calls.append(1) or {"metrics": {"m": 1}}  # noqa: E731
     rec.unit({"seed": 0}, compute)
-    monkeypatch.setattr(repro, "unit_code_digest", lambda: "other code")
+    monkeypatch.setattr(repro, "unit_code_digest", lambda supervised=False: "other code")
     rec.unit({"seed": 0}, compute)
     assert len(calls) == 2
 
@@ -600,6 +600,11 @@ def test_unit_code_digest_covers_training_code_but_not_presentation(tmp_path):
     d1 = digest()
     (fake / "nas" / "fast" / "kernels.c").write_text("int g(void);\n")
     assert len({d0, d1, digest()}) == 3
+    # a plain supervised unit does not depend on the NAS package
+    sup = lambda: repro.code_digest(fake, fresh=True, exclude=repro.PRESENTATION + repro.NOT_SUPERVISED)  # noqa: E731
+    s0 = sup()
+    (fake / "nas" / "fast" / "kernels.c").write_text("int h(void);\n")
+    assert sup() == s0 and digest() != d1
 
 
 def test_recorder_scope_sets_aside_units_of_other_params(tmp_path):
@@ -625,3 +630,21 @@ def test_recorder_stores_weights_and_loads_them_without_unpickling(tmp_path):
     with pytest.raises(FileNotFoundError, match="keep_model=True"):
         rec.load_model(seed=1)
     assert rec.model_path(seed=0).suffix == ".pt"  # *.pt is git-ignored
+
+
+def test_a_notebook_edit_re_executes_the_page_but_keeps_its_units(tmp_path, book, capsys):
+    body = """import pathlib
+marker = pathlib.Path(results_dir, "unit.txt")
+if not marker.exists():
+    marker.write_text(str(alpha))
+print("unit made with alpha", marker.read_text())"""
+    nb = make_notebook(tmp_path / "unitnb.ipynb", body=body)
+    pf = write_params(tmp_path / "r.yaml", {"alpha": 1})
+    first = run.run_notebook(nb, pf, "smoke")
+    make_notebook(nb, body=body + "\nprint('new prose')")
+    capsys.readouterr()
+    second = run.run_notebook(nb, pf, "smoke")
+    out = capsys.readouterr().out
+    assert "[skip]" not in out and "[new ]" not in out            # re-executed, nothing set aside
+    assert second["inputs_sha256"] != first["inputs_sha256"] and second["params_sha256"] == first["params_sha256"]
+    assert (book / "results" / "unitnb" / "r" / "unit.txt").read_text() == "1"

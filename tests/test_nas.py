@@ -164,7 +164,7 @@ def test_tables_champions_and_paired_test():
 
 def test_strategy_table():
     """Every strategy says what it is; every learned one names a non-learned control with the same masking."""
-    assert list(nas.STRATEGIES) == ["random", "random_masked", "rl", "rl_masked", "rl_faithful"]
+    assert list(nas.STRATEGIES) == ["random", "random_masked", "rl", "rl_masked", "rl_faithful", "rl_faithful_masked"]
     for name, spec in nas.STRATEGIES.items():
         assert spec.name == name and spec.what
         if spec.learns:
@@ -174,7 +174,14 @@ def test_strategy_table():
             assert spec.control is None and not spec.faithful
     for a, b in nas.COMPARISONS:
         assert a in nas.STRATEGIES and b in nas.STRATEGIES
-    assert {(s.name, s.control) for s in nas.STRATEGIES.values() if s.control and not s.faithful} <= set(nas.COMPARISONS)
+    assert {(s.name, s.control) for s in nas.STRATEGIES.values() if s.control} <= set(nas.COMPARISONS)
+    assert nas.COMPARISONS[:4] == (("rl", "random"), ("rl_masked", "random_masked"), ("rl_masked", "random"),
+                                   ("rl", "rl_faithful"))     # the original rows first
+    assert {("random_masked", "random"), ("rl_faithful", "random")} <= set(nas.COMPARISONS)
+    for total, mask, rl in nas.DECOMPOSITIONS:       # total = mask + RL, through random_masked
+        assert total[1] == mask[1] and mask[0] == rl[1] and total[0] == rl[0] and {total, mask, rl} <= set(nas.COMPARISONS)
+    assert nas.controller_label("random").startswith("none") and nas.controller_label("rl").startswith("sound")
+    assert nas.controller_label("rl_faithful_masked").startswith("faithful")
     assert nas.learned_strategies(["random", "rl_faithful", "rl"]) == ["rl_faithful", "rl"]
 
 
@@ -360,3 +367,159 @@ def test_search_all_reuses_a_stored_search_and_redoes_it_for_another_config(tmp_
     other = nas.SearchConfig(space=nas.SearchSpace(), episodes=6, children_per_update=2)
     redone = nas.search_all(rec, ["random"], [0], other, counting, log=None)
     assert len(calls) > n and redone["episode"].max() == 6
+
+
+# --------------------------------------------------------------- issue 10: what the page states --
+def _row(a, b, metric, diff, p, p_holm, summary="last", mean_b=0.80):
+    return {"a": a, "b": b, "metric": metric, "summary": summary, "last": 10 if summary == "last" else None,
+            "n_seeds": 3, "mean_a": mean_b + diff, "mean_b": mean_b, "mean_diff": diff, "sd_diff": 0.01,
+            "t": 3.0, "p": p, "p_holm": p_holm}
+
+
+def test_decomposition_says_the_mask_explains_most_of_the_gain():
+    """rl_masked vs random +0.067 (p .038): random_masked vs random +0.063, rl_masked vs random_masked +0.004."""
+    tests = pd.DataFrame([_row("rl_masked", "random", "reward", 0.067, 0.038, 0.152),
+                          _row("random_masked", "random", "reward", 0.063, 0.030, 0.150),
+                          _row("rl_masked", "random_masked", "reward", 0.004, 0.64, 1.0)])
+    text = nas.describe_decomposition(tests)
+    assert text.count("\n") == 0 and text.startswith("- On mean reward over the last 10 episodes, rl_masked vs random")
+    assert "+0.0670 (Holm-adjusted p = 0.152)" in text
+    assert "mask alone (random_masked vs random) accounts for +0.0630 (Holm-adjusted p = 0.150)" in text
+    assert "(rl_masked vs random_masked) for +0.0040 (Holm-adjusted p = 1.000)" in text
+    assert "94% of the difference is the mask and 6% learning, so the mask explains most of it" in text
+    # learning explaining most; parts of opposite signs: no shares
+    flip = tests.assign(mean_diff=[0.05, 0.01, 0.04], metric="val_acc")
+    assert "20% of the difference is the mask and 80% learning, so learning explains most of it" in \
+        nas.describe_decomposition(flip)
+    assert "On mean val accuracy over" in nas.describe_decomposition(flip)
+    opposite = tests.assign(mean_diff=[0.01, 0.03, -0.02])
+    assert "no shares are given" in nas.describe_decomposition(opposite)
+    assert nas.describe_decomposition(tests.iloc[:2]) == ""          # a part missing: no sentence
+
+
+def test_paired_tests_cover_three_metrics_with_holm_per_metric():
+    rows = []
+    for strategy, shift in (("random", 0.0), ("random_masked", 0.02), ("rl_masked", 0.025), ("rl", 0.001)):
+        for seed in range(3):
+            cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=6, children_per_update=2)
+            df = nas.run_search("random", seed, cfg, fake_evaluate, log=None)
+            df["reward"] += shift + 0.002 * seed * (strategy != "random")
+            df["val_acc"] += shift / 2 + 0.001 * ((seed + len(strategy)) % 3)
+            rows.append(df.assign(strategy=strategy, seed=seed))
+    eps = pd.concat(rows, ignore_index=True)
+    tests = nas.paired_tests(eps, last=3)
+    pairs = [("rl", "random"), ("rl_masked", "random_masked"), ("rl_masked", "random"), ("random_masked", "random")]
+    assert list(zip(tests["a"], tests["b"]))[:4] == pairs                 # only the pairs that ran, in order
+    assert list(tests.groupby(["metric", "summary"], sort=False).size().items()) == [
+        (("reward", "last"), 4), (("reward", "best"), 4), (("val_acc", "last"), 4), (("params", "last"), 4)]
+    for metric, part in tests.groupby("metric"):
+        assert part["p_holm"].to_numpy() == pytest.approx(stats.holm(part["p"]), nan_ok=True)
+    assert (tests["p_holm"].dropna() >= tests.loc[tests["p_holm"].notna(), "p"]).all()
+    text = nas.describe_tests(tests)
+    assert text.count("- **") == 4
+    assert "Mean reward over the last 3 episodes" in text and "Best reward found" in text
+    assert "Mean val accuracy over the last 3 episodes" in text and "Mean parameters over the last 3 episodes" in text
+    assert "Holm-adjusted p = " in text and "after Holm's correction" in text
+    params_sentence = text.split("Mean parameters")[1].split(")")[0]
+    assert "reward" not in params_sentence and "," in params_sentence      # parameters as counts: 12,345
+    assert "the mask explains" in nas.describe_decomposition(tests) or "learning explains" in nas.describe_decomposition(tests)
+
+
+def test_sentences_name_their_metric_and_judge_on_holm():
+    row = _row("rl", "random", "val_acc", 0.01, 0.02, 0.08)
+    assert "significant at 0.05" in report.verdict({**row, "p_holm": float("nan")})
+    v = report.verdict(row)
+    assert "p = 0.020, Holm-adjusted p = 0.080, not significant at 0.05 after Holm's correction" in v
+    last, best = pd.DataFrame([row]), pd.DataFrame([{**row, "summary": "best"}])
+    text = nas.describe_comparison(last, best)
+    assert "mean val accuracy over the last 10 episodes" in text and "Best val accuracy found" in text
+    assert "reward" not in text
+
+
+def test_val_test_sentence():
+    champ = pd.DataFrame({"val/acc": [0.95, 0.94], "test/acc": [0.75, 0.74]})
+    note = nas.val_test_note(champ)
+    assert note.startswith("The 2 champions (mean over strategies and seeds): val accuracy 0.945 overstates test accuracy 0.745 by 0.200")
+    assert "does not overstate" in report.val_test_sentence(0.80, 0.82, "x")
+
+
+def test_entropy_bonus_is_not_applied_to_the_faithful_strategies():
+    def run(strategy, coef):
+        cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=8, children_per_update=2,
+                               controller=nas.ControllerConfig(entropy_coef=coef))
+        return nas.run_search(strategy, 0, cfg, varied_evaluate, log=None)
+    for strategy in ("rl_faithful", "rl_faithful_masked"):
+        pd.testing.assert_frame_equal(run(strategy, 0.0), run(strategy, 0.5))
+    assert not run("rl", 0.0)["arch"].equals(run("rl", 0.5)["arch"]) or \
+        not run("rl", 0.0)["p/filters=16"].equals(run("rl", 0.5)["p/filters=16"])
+
+
+def test_faithful_masked_is_masked_without_a_baseline():
+    cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=12, children_per_update=3)
+    df = nas.run_search("rl_faithful_masked", 0, cfg, varied_evaluate, log=None)
+    assert (df["filters"] != 128).all() and (df["rl/baseline"] == 0.0).all()
+    assert df["rl/advantage"].to_numpy() == pytest.approx(df["rl/reward"].to_numpy(), abs=1e-6)
+    assert df["p/filters=128"].max() < 1e-6
+
+
+def test_first_advantage_is_zero_with_one_child_per_update():
+    """As the page says: the baseline starts at the first reward, so the first update does nothing."""
+    cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=3, children_per_update=1)
+    df = nas.run_search("rl", 0, cfg, varied_evaluate, log=None)
+    assert df["rl/advantage"].iloc[0] == 0.0 and df["rl/advantage"].iloc[1] != 0.0
+
+
+def test_beside_published_labels_every_row_with_its_controller():
+    rows = []
+    for strategy in ("random", "rl", "rl_faithful", "random_masked"):
+        cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=4, children_per_update=2)
+        rows.append(nas.run_search("random", 0, cfg, fake_evaluate, log=None).assign(strategy=strategy, seed=0))
+    eps = pd.concat(rows, ignore_index=True)
+    table = nas.beside_published(eps, "ours")
+    assert list(zip(table["phase"], table["strategy"])) == [
+        ("random", "random"), ("random", "random"), ("rl", "rl"), ("rl", "rl_faithful"), ("rl", "rl"),
+        ("rl_masked", "rl_masked"), ("(none published)", "random_masked")]
+    assert list(table["source"])[:5] == ["RLMedNAS (published)", "ours: like for like", "RLMedNAS (published)",
+                                         "ours: like for like", "ours: sound controller"]
+    assert table["controller"].notna().all()
+    assert (table.loc[table["source"] == "RLMedNAS (published)", "controller"].str.split(":").str[0]
+            == ["none (uniform sampling)", "faithful", "faithful"]).all()
+    assert "controller" in nas.with_controller(nas.phase_table(eps)).columns
+
+
+def test_differences_shared_picks_probability_note_and_engine_table():
+    cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=6, children_per_update=1)
+
+    def evaluate(archs, seeds, data_seed):
+        return [dict(r, engine_path="fast: C kernels, fused step", kernels_loaded=True) for r in fake_evaluate(archs, seeds, data_seed)]
+
+    eps = pd.concat([nas.run_search(s, 0, cfg, evaluate, log=None).assign(strategy=s, seed=0)
+                     for s in ("rl", "rl_faithful", "random")], ignore_index=True)
+    same = nas.shared_picks(eps, "rl", "rl_faithful")
+    x, y = (eps[eps["strategy"] == s]["arch"].to_numpy() for s in ("rl", "rl_faithful"))
+    assert same == pytest.approx((x == y).mean()) and math.isnan(nas.shared_picks(eps, "rl", "rl_masked"))
+    params = {"children_per_update": 1, "episodes": 6, "seeds": [0], "max_train": None, "child": {"epochs": 5}}
+    diff = nas.reference_differences(params, 6491, ["random", "rl", "rl_faithful"], eps).set_index("what")
+    assert diff.loc["val images scored", "reference (RLMedNAS)"].startswith("6,400")
+    assert diff.loc["val images scored", "this run"] == "all 6,491"
+    assert diff.loc["controller updates", "this run"] == "one per 1 child(ren): 6 per search of 6 children"
+    assert f"{same:.0%} of episodes" in diff.loc["sampling stream", "this run"]
+    assert nas.updates_per_search(30, 5) == 6 and nas.updates_per_search(100, 4) == 25
+    note = nas.probability_note(eps, ["rl", "rl_faithful", "random"], cfg)
+    assert note.count("after 6 controller updates") == 2 and "random" not in note
+    state = torch.random.get_rng_state()
+    nas.probability_note(eps, ["rl"], cfg)
+    assert torch.equal(state, torch.random.get_rng_state())             # the global RNG is left alone
+    table = nas.engine_table(eps)
+    assert set(table["engine_path"]) == {"fast: C kernels, fused step"} and table["children"].sum() == 18
+    assert nas.engine_table(eps.drop(columns=["engine_path", "kernels_loaded"]))["engine_path"].eq("not recorded").all()
+
+
+def test_champions_keep_the_childrens_precision():
+    def cfg(precision):
+        return nas.SearchConfig.from_params({"space": SPACE, "episodes": 1, "children_per_update": 1, "lam": 1e-6,
+                                             "child": {"precision": precision, "lr": 0.002}})
+    fp32 = nas.champion_fit_config(cfg("fp32"), {"epochs": 1})
+    assert fp32.amp is False and fp32.lr == 0.002 and fp32.epochs == 1
+    assert nas.champion_fit_config(cfg("bf16"), {}).amp is True
+    assert nas.champion_fit_config(cfg("fp32"), {"amp": True}).amp is True     # an explicit choice wins

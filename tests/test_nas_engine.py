@@ -273,6 +273,19 @@ def test_bf16_runs(splits, one_thread):
     for engine in ("plain", "fast"):
         r = _run([A], splits, [1], epochs=1, engine=engine, precision="bf16")[0]
         assert 0.0 <= r["val_acc"] <= 1.0 and np.isfinite(r["final_train_loss"])
+        assert r["kernels_loaded"] is None          # the kernels do not apply to bf16
+        assert r["engine_path"] == ("plain" if engine == "plain" else "fast: PyTorch ops (fallback)")
+
+
+def test_the_engine_path_is_recorded(splits, one_thread):
+    ok, _ = nas.kernels_available()
+    two = [{"filters": 16, "kernel": 3, "dropout": 0.1}, {"filters": 16, "kernel": 3, "dropout": 0.1}]
+    one, deep = _run([A, two], splits, [1, 2], epochs=1, engine="fast", max_train=128)
+    assert one["kernels_loaded"] is ok and deep["kernels_loaded"] is ok
+    assert one["engine_path"] == ("fast: C kernels, fused step" if ok else "fast: PyTorch ops (fallback)")
+    assert deep["engine_path"] == ("fast: C kernels, first layer" if ok else "fast: PyTorch ops (fallback)")
+    plain = _run([A], splits, [1], epochs=1, engine="plain", max_train=128)[0]
+    assert plain["engine_path"] == "plain" and plain["kernels_loaded"] is None
 
 
 # ---------------------------------------------------------------------------------- cache --

@@ -11,7 +11,10 @@ from a per-child ``torch.Generator``, and its dropout masks, from its :class:`Dr
 ``data_seed`` (epoch ``e`` uses the ``e``-th ``randperm`` of ``Generator(data_seed)``; the same for
 every child of a call), the training settings and the data: never on the engine, the other
 children of the call, the thread count or the global RNG. ``precision="bf16"`` (autocast) changes
-the numbers. Design history and measurements: ``benchmarks/README.md``.
+the numbers. On CPU the numbers repeat exactly; on a GPU they do not (cuDNN's convolution
+algorithms and atomic additions sum in varying order), so a GPU rerun differs in the last digits
+and, through the search, in which children are picked. Design history and measurements:
+``benchmarks/README.md``.
 """
 from __future__ import annotations
 
@@ -68,7 +71,7 @@ def train_plain(arch, seed, data: ChildData, cfg: dict) -> dict:
             x = normalise(data.val_images[start:start + bs]).to(device)
             correct += int((model(x).argmax(1) == data.val_labels[start:start + bs]).sum())
     return {"val_acc": correct / data.n_val, "val_correct": correct, "epoch_losses": epoch_losses,
-            "fit_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+            "fit_s": t1 - t0, "eval_s": time.perf_counter() - t1, "engine_path": "plain"}
 
 
 def train_children(archs: Sequence, train_split, val_split, *, num_classes: int, seeds: Sequence[int],
@@ -98,7 +101,10 @@ def train_children(archs: Sequence, train_split, val_split, *, num_classes: int,
         One dict per child: ``val_acc``, ``params``, ``train_s`` (its share of the wall time: its own
         training and scoring plus an equal share of the data preparation), ``final_train_loss`` (mean
         training loss over the last epoch's steps), ``epoch_losses``, ``val_correct``, ``n_val``,
-        ``n_train``, ``arch``, ``seed``, ``data_seed``, ``engine``, ``precision``, ``cached``.
+        ``n_train``, ``arch``, ``seed``, ``data_seed``, ``engine``, ``precision``, ``cached``, and what
+        measured it: ``engine_path`` (``plain``, ``fast: C kernels, fused step``, ``fast: C kernels,
+        first layer`` or ``fast: PyTorch ops (fallback)``) and ``kernels_loaded`` (whether the C
+        kernels loaded; None where they do not apply: plain engine, GPU, bf16).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}; valid engines: {', '.join(ENGINES)}")
@@ -137,7 +143,9 @@ def train_children(archs: Sequence, train_split, val_split, *, num_classes: int,
         t0 = time.perf_counter()
         data = ChildData.get(train_split, val_split, max_train, device) if engine == "fast" else \
             ChildData(train_split, val_split, max_train, device)
-        kernels = kernels_mod.get_kernels() if engine == "fast" and device.type == "cpu" and precision == "fp32" else None
+        tried = engine == "fast" and device.type == "cpu" and precision == "fp32"   # where the kernels apply
+        kernels = kernels_mod.get_kernels() if tried else None
+        kernels_loaded = (kernels is not None) if tried else None
         threads = torch.get_num_threads()
         # Two children at once (one thread each) or one child split over two threads.
         n_workers = 1
@@ -177,7 +185,7 @@ def train_children(archs: Sequence, train_split, val_split, *, num_classes: int,
                     train_s=wall * out["own_s"] / own_total + prep_s / len(todo), prep_s=prep_s / len(todo),
                     final_train_loss=out["epoch_losses"][-1], n_val=data.n_val, n_train=data.n_train,
                     arch=archs[i], seed=seeds[i], data_seed=int(data_seed), engine=engine,
-                    precision=precision, workers=n_workers, cached=False)
+                    precision=precision, workers=n_workers, kernels_loaded=kernels_loaded, cached=False)
                 results[i] = out
                 if cache is not None:
                     cache.put(keys[i], out)

@@ -34,7 +34,7 @@ class ControllerConfig:
     hidden: int = 100                 # LSTM width
     lr: float = 0.01                  # Adam
     baseline_decay: float = 0.9       # moving-average baseline b <- decay * b + (1 - decay) * mean(R)
-    entropy_coef: float = 0.0         # entropy bonus in the loss
+    entropy_coef: float = 0.0         # entropy bonus in the loss (not for the faithful strategies)
 
 
 @dataclass
@@ -90,6 +90,15 @@ def run_search(strategy: str, seed: int, cfg: SearchConfig, evaluate, log=print,
     scores a group of children (see :func:`make_evaluator`). A learning strategy samples
     ``children_per_update`` children, then takes one REINFORCE step on their rewards with the
     advantage against the baseline *before* this group (none when faithful), then moves the baseline.
+
+    Two properties the pages state: the baseline starts at the first group's mean reward, so the
+    first advantages sum to zero (with one child per update the first advantage is exactly 0 and
+    the first update does nothing); and every strategy of a seed draws from the same
+    ``Generator(seed)``, so two strategies whose policies are still alike (``rl`` and
+    ``rl_faithful`` near uniform) often pick the same architecture at the same episode.
+    ``controller.entropy_coef`` is not applied to the faithful strategies (the reference had no
+    entropy bonus). Rows carry the child engine's ``engine_path`` and ``kernels_loaded`` when the
+    evaluator reports them.
     """
     spec = get_strategy(strategy)
     rules = cfg.space.parse_rules(cfg.mask_rules) if spec.masked else []
@@ -122,7 +131,7 @@ def run_search(strategy: str, seed: int, cfg: SearchConfig, evaluate, log=print,
                 if baseline is None:
                     baseline = update_baseline(None, r, ctl.baseline_decay)
                 adv = advantages(r, baseline)
-            loss = reinforce_loss(logp, adv, ent, ctl.entropy_coef)
+            loss = reinforce_loss(logp, adv, ent, 0.0 if spec.faithful else ctl.entropy_coef)   # reference: none
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -135,7 +144,8 @@ def run_search(strategy: str, seed: int, cfg: SearchConfig, evaluate, log=print,
         for i, (arch, res) in enumerate(zip(archs, results)):
             row = {"episode": start + i + 1, "arch": arch_key(arch), **flat_arch(arch), "params": res["params"],
                    "val_acc": res["val_acc"], "reward": rewards[i], "child_s": res.get("train_s", float("nan")),
-                   "cached": bool(res.get("cached", False))}
+                   "cached": bool(res.get("cached", False)),
+                   **{k: res[k] for k in ("engine_path", "kernels_loaded") if k in res}}   # what measured it
             if spec.learns:
                 row.update({"rl/reward": rewards[i], "rl/baseline": metrics["rl/baseline"],
                             "rl/advantage": float(adv[i]), "rl/entropy": float(ent[i].detach()),
@@ -183,7 +193,9 @@ def search_all(recorder, strategies: Sequence[str], seeds: Sequence[int], cfg: S
                 return {"metrics": {"mean_reward": df["reward"].mean(), "mean_params": df["params"].mean(),
                                     "mean_val_acc": df["val_acc"].mean(), "best_reward": best["reward"],
                                     "best_arch": best["arch"], "search_s": time.perf_counter() - t0,
-                                    "children": len(df), "cached_children": int(df["cached"].sum())},
+                                    "children": len(df), "cached_children": int(df["cached"].sum()),
+                                    **({"engine": ", ".join(sorted(map(str, set(df["engine_path"]))))}
+                                       if "engine_path" in df else {})},
                         "history": df}
 
             recorder.unit({"strategy": strategy, "seed": seed}, compute,

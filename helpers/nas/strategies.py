@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Strategy", "STRATEGIES", "COMPARISONS", "get_strategy", "learned_strategies"]
+__all__ = ["Strategy", "STRATEGIES", "COMPARISONS", "DECOMPOSITIONS", "CONTROLLERS", "get_strategy",
+           "learned_strategies", "controller_label"]
 
 
 @dataclass(frozen=True)
@@ -35,12 +36,33 @@ STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
              learns=True, masked=True, control="random_masked"),
     Strategy("rl_faithful", "the reference controller: one LSTM step on a constant zero input, no baseline",
              learns=True, masked=False, faithful=True, control="random"),
+    Strategy("rl_faithful_masked", "the reference controller with the mask rules (the reference's masked phase)",
+             learns=True, masked=True, faithful=True, control="random_masked"),
 )}
 
-# The paired tests on the NAS page: each RL variant against its equal-budget control, masked RL
-# against unmasked random search (what the rules and RL buy together), and the sound controller
-# against the reference one.
-COMPARISONS = (("rl", "random"), ("rl_masked", "random_masked"), ("rl_masked", "random"), ("rl", "rl_faithful"))
+# What picks the children, in words, for labelling every row of a table (published rows included).
+CONTROLLERS = {"none": "none (uniform sampling)",
+               "sound": "sound: autoregressive LSTM, moving-average baseline",
+               "faithful": "faithful: constant-input LSTM, no baseline (the reference's)"}
+
+
+def controller_label(name: str) -> str:
+    """The controller of strategy ``name`` in words (see :data:`CONTROLLERS`)."""
+    spec = get_strategy(name)
+    return CONTROLLERS["none" if not spec.learns else "faithful" if spec.faithful else "sound"]
+
+# The paired tests on the NAS page (the first four are the original ones): each RL variant against
+# its equal-budget control, masked RL against unmasked random search (what the rules and RL buy
+# together), the sound controller against the reference one, then the mask alone (random_masked vs
+# random) and the reference controller against random search.
+COMPARISONS = (("rl", "random"), ("rl_masked", "random_masked"), ("rl_masked", "random"), ("rl", "rl_faithful"),
+               ("random_masked", "random"), ("rl_faithful", "random"),
+               ("rl_faithful_masked", "random_masked"), ("rl_faithful_masked", "random"))
+
+# (total, mask, RL): ``total`` = a vs c splits exactly, seed by seed, into ``mask`` = b vs c (the
+# rules without learning) plus ``RL`` = a vs b (learning on top of the rules), b = random_masked.
+DECOMPOSITIONS = ((("rl_masked", "random"), ("random_masked", "random"), ("rl_masked", "random_masked")),
+                  (("rl_faithful_masked", "random"), ("random_masked", "random"), ("rl_faithful_masked", "random_masked")))
 
 
 def get_strategy(name: str) -> Strategy:

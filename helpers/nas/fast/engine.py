@@ -246,5 +246,7 @@ def train_fast(arch, seed, data: ChildData, cfg: dict, kernels: Kernels | None) 
         for start in range(0, data.n_val, chunk):
             idx = torch.arange(start, min(start + chunk, data.n_val), device=device)
             correct += int((child.forward(idx, "val", False).argmax(1) == data.val_labels[idx]).sum())
+    path = "fast: C kernels, fused step" if child.fused else \
+        "fast: C kernels, first layer" if child.kernels is not None else "fast: PyTorch ops (fallback)"
     return {"val_acc": correct / data.n_val, "val_correct": correct, "epoch_losses": epoch_losses,
-            "fit_s": t1 - t0, "eval_s": time.perf_counter() - t1}
+            "fit_s": t1 - t0, "eval_s": time.perf_counter() - t1, "engine_path": path}

@@ -129,9 +129,24 @@ def test_formulas_render_in_jupyterlab_too():
 
 
 @pytest.mark.slow
+def executed(records: list[dict]) -> list[dict]:
+    """The runs this build executed (not the published pages it shows, made elsewhere)."""
+    return [r for r in records if "published" not in r]
+
+
+@pytest.mark.slow
+def test_published_runs_are_shown_with_their_own_record(built_book):
+    for record in [r for r in built_book["records"] if "published" in r]:
+        page = built_book["root"] / "runs" / Path(record["notebook"]).stem / f"{record['run_name']}.ipynb"
+        box = "".join(json.loads(page.read_text())["cells"][1]["source"])
+        assert record["status"] == "complete" and f"--profile {record['profile']}" in box
+        assert "book/published/" in box
+
+
+@pytest.mark.slow
 def test_runs_store_results_and_provenance(built_book):
     root = built_book["root"]
-    for record in built_book["records"]:
+    for record in executed(built_book["records"]):
         assert record["status"] == "complete"
         res = root / "results" / Path(record["notebook"]).stem / record["run_name"]
         prov = json.loads((res / "provenance.json").read_text())
@@ -147,7 +162,7 @@ def test_runs_store_results_and_provenance(built_book):
 
 @pytest.mark.slow
 def test_executed_pages_open_with_their_run_box(built_book):
-    for record in built_book["records"]:
+    for record in executed(built_book["records"]):
         nb = json.loads((built_book["root"] / "runs" / Path(record["notebook"]).stem / f"{record['run_name']}.ipynb").read_text())
         box = nb["cells"][1]
         assert "run-banner" in box["metadata"]["tags"] and record["run_name"] in "".join(box["source"])

@@ -391,14 +391,17 @@ def test_write_json_numpy_and_nan(tmp_path):
     assert not (tmp_path / "y.json").exists() and _no_temp_files(tmp_path) == []
 
 
-def test_stored_units_are_reused_only_for_the_same_params(tmp_path, book, capsys):
-    """Resume reuses units made with the same notebook and params; other params set them aside."""
-    body = """import pathlib
+#: A notebook body that makes one "unit" (a marker file) unless its results folder already holds it.
+UNIT_BODY = """import pathlib
 marker = pathlib.Path(results_dir, "unit.txt")
 if not marker.exists():
     marker.write_text(str(alpha))
 print("unit made with alpha", marker.read_text())"""
-    nb = make_notebook(tmp_path / "unitnb.ipynb", body=body)
+
+
+def test_stored_units_are_reused_only_for_the_same_params(tmp_path, book, capsys):
+    """Resume reuses units made with the same notebook and params; other params set them aside."""
+    nb = make_notebook(tmp_path / "unitnb.ipynb", body=UNIT_BODY)
     pf = write_params(tmp_path / "r.yaml", {"alpha": 1})
     res = book / "results" / "unitnb" / "r"
     run.run_notebook(nb, pf, "smoke")
@@ -633,15 +636,10 @@ def test_recorder_stores_weights_and_loads_them_without_unpickling(tmp_path):
 
 
 def test_a_notebook_edit_re_executes_the_page_but_keeps_its_units(tmp_path, book, capsys):
-    body = """import pathlib
-marker = pathlib.Path(results_dir, "unit.txt")
-if not marker.exists():
-    marker.write_text(str(alpha))
-print("unit made with alpha", marker.read_text())"""
-    nb = make_notebook(tmp_path / "unitnb.ipynb", body=body)
+    nb = make_notebook(tmp_path / "unitnb.ipynb", body=UNIT_BODY)
     pf = write_params(tmp_path / "r.yaml", {"alpha": 1})
     first = run.run_notebook(nb, pf, "smoke")
-    make_notebook(nb, body=body + "\nprint('new prose')")
+    make_notebook(nb, body=UNIT_BODY + "\nprint('new prose')")
     capsys.readouterr()
     second = run.run_notebook(nb, pf, "smoke")
     out = capsys.readouterr().out

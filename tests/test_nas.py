@@ -523,3 +523,19 @@ def test_champions_keep_the_childrens_precision():
     assert fp32.amp is False and fp32.lr == 0.002 and fp32.epochs == 1
     assert nas.champion_fit_config(cfg("bf16"), {}).amp is True
     assert nas.champion_fit_config(cfg("fp32"), {"amp": True}).amp is True     # an explicit choice wins
+
+
+def test_champions_are_retrained_at_the_datasets_image_size(tmp_path, make_npz, monkeypatch):
+    """A 64 px (RGB) flag: the champion's head must be sized for the dataset's images, not for 28 px."""
+    from helpers import data
+    from helpers.results import Recorder
+    from helpers.train import FitConfig
+
+    monkeypatch.setenv("RLMED_CACHE", str(tmp_path / "cache"))
+    make_npz(tmp_path, "dermamnist", size=64, n=(24, 8, 8))
+    ds = data.load("dermamnist", 64, tmp_path, verify=False, download=False)
+    episodes = pd.DataFrame({"strategy": ["random"], "seed": [0], "episode": [1], "reward": [0.5],
+                             "arch": ["f16-k3-d0.25"]})
+    cfg = FitConfig(epochs=1, schedule="none", monitor="val/acc", progress="none")
+    champ = nas.retrain_champions(Recorder(tmp_path / "r"), ds, episodes, cfg, batch_size=8, device="cpu")
+    assert len(champ) == 1 and 0 <= champ["test/acc"].iloc[0] <= 1

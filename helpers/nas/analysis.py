@@ -169,7 +169,7 @@ def retrain_champions(recorder, ds, episodes: pd.DataFrame, cfg, *, batch_size: 
     champ_rec = Recorder(recorder.root / "champions")
     for _, row in champions(episodes).iterrows():
         train_and_test(champ_rec, ds, "nas_child", int(row["seed"]), cfg, batch_size=batch_size,
-                       model_kwargs={"arch": arch_from_key(row["arch"])}, device=device,
+                       model_kwargs={"arch": arch_from_key(row["arch"]), "image_size": ds.size}, device=device,
                        unit={"strategy": row["strategy"], "seed": int(row["seed"]), "arch": row["arch"]})
     return champ_rec.wide_metrics()
 

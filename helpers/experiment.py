@@ -18,7 +18,7 @@ from . import augment as augment_mod
 from . import data as data_mod
 from .config import book_dir, cache_dir
 from .models import create_model
-from .repro import resolve_device, seed_everything, unit_code_digest
+from .repro import packages_used, resolve_device, seed_everything, unit_code_digest
 from .results import Recorder, digest, unit_name
 from .train import FitConfig, Hook, evaluate, fit
 
@@ -159,8 +159,9 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
                 "model": result.model.state_dict() if keep_model else None,
                 "extra": {"stopped_early": result.stopped_early, "resumed_from": result.resumed_from}}
 
-    plain = not hooks and criterion is None and param_groups_fn is None  # imports nothing of helpers.nas or .rl
-    record = recorder.unit(keys, compute, fingerprint=fingerprint, code=unit_code_digest(supervised=plain))
+    # the unit's code: the shared modules plus the chapter packages its hooks and criterion come from
+    uses = packages_used(*hooks, criterion, param_groups_fn)
+    record = recorder.unit(keys, compute, fingerprint=fingerprint, code=unit_code_digest(uses=uses))
     if world > 1:
         dist.barrier()
         if record is None:

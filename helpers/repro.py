@@ -59,8 +59,36 @@ _CODE_DIGEST: dict[tuple, str] = {}
 #: to them re-renders pages but does not redo units. Every other file of the package shapes units.
 PRESENTATION = ("book.py", "page.py", "plots.py", "report.py", "stats.py", "run.py", "sphinx_ext.py",
                 "reference.py", "nas/analysis.py", "nas/protocol.py")
-#: Subpackages a plain supervised unit (train_and_test without hooks or a custom criterion) never imports.
-NOT_SUPERVISED = ("nas", "rl")
+#: Subpackages of ``helpers`` that every unit may import (the model registry); every other
+#: subpackage (``nas``, ``rl``, one per chapter) shapes only the units that use it.
+SHARED_SUBPACKAGES = ("models",)
+
+
+def chapter_packages(root: Path | None = None) -> tuple[str, ...]:
+    """The subpackages of ``helpers`` (folders with an ``__init__.py``) other than
+    :data:`SHARED_SUBPACKAGES`: a chapter's own code, or a piece some chapters share (``rl``)."""
+    root = Path(root) if root else Path(__file__).resolve().parent
+    return tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and (d / "__init__.py").is_file()
+                        and d.name not in SHARED_SUBPACKAGES))
+
+
+def packages_used(*objects) -> tuple[str, ...] | None:
+    """The chapter packages (:func:`chapter_packages`) the given hooks, criteria or functions come
+    from (a class's or a function's module, else the object's class's), plus ``rl`` whenever any
+    does, since chapter code builds on the RL core. ``None`` (meaning: all of them) when one comes
+    from outside ``helpers`` (a notebook, a script), whose dependencies cannot be told."""
+    used: set[str] = set()
+    for obj in objects:
+        if obj is None:
+            continue
+        plain_function = isinstance(obj, type) or (callable(obj) and hasattr(obj, "__code__"))
+        module = getattr(obj if plain_function else type(obj), "__module__", "") or ""
+        parts = module.split(".")
+        if parts[0] != "helpers":
+            return None
+        if len(parts) > 2:
+            used.update({parts[1], "rl"})
+    return tuple(sorted(used))
 
 
 def code_digest(root: Path | None = None, fresh: bool = False, exclude: tuple[str, ...] = ()) -> str:
@@ -85,11 +113,17 @@ def code_digest(root: Path | None = None, fresh: bool = False, exclude: tuple[st
     return _CODE_DIGEST[key]
 
 
-def unit_code_digest(supervised: bool = False) -> str:
-    """Digest of the code that makes units (the package less :data:`PRESENTATION`; for a plain
-    ``supervised`` unit also less :data:`NOT_SUPERVISED`): stored in each unit's fingerprint, so a
-    unit made by other code is recomputed rather than shown as this code's."""
-    return code_digest(exclude=PRESENTATION + (NOT_SUPERVISED if supervised else ()))
+def unit_code_digest(supervised: bool = False, uses: tuple[str, ...] | None = None,
+                     root: Path | None = None) -> str:
+    """Digest of the code that makes a unit: the package less :data:`PRESENTATION` and less the
+    chapter packages (:func:`chapter_packages`) the unit does not ``use``. ``uses=None`` means all of
+    them, except that a plain ``supervised`` unit uses none. Stored in each unit's fingerprint, so a
+    unit made by other code is recomputed rather than shown as this code's, while an edit to one
+    chapter's package does not redo another chapter's units."""
+    packages = chapter_packages(root)
+    if uses is None:
+        uses = () if supervised else packages
+    return code_digest(root, exclude=PRESENTATION + tuple(p for p in packages if p not in uses))
 
 
 def git_state(root: Path | None = None) -> dict:

@@ -583,7 +583,7 @@ def test_recorder_unit_is_redone_when_the_code_changes(tmp_path, monkeypatch):
     calls = []
     compute = lambda: calls.append(1) or {"metrics": {"m": 1}}  # noqa: E731
     rec.unit({"seed": 0}, compute)
-    monkeypatch.setattr(repro, "unit_code_digest", lambda supervised=False: "other code")
+    monkeypatch.setattr(repro, "unit_code_digest", lambda *a, **k: "other code")
     rec.unit({"seed": 0}, compute)
     assert len(calls) == 2
 
@@ -603,11 +603,35 @@ def test_unit_code_digest_covers_training_code_but_not_presentation(tmp_path):
     d1 = digest()
     (fake / "nas" / "fast" / "kernels.c").write_text("int g(void);\n")
     assert len({d0, d1, digest()}) == 3
-    # a plain supervised unit does not depend on the NAS package
-    sup = lambda: repro.code_digest(fake, fresh=True, exclude=repro.PRESENTATION + repro.NOT_SUPERVISED)  # noqa: E731
-    s0 = sup()
+    # a unit depends only on the chapter packages it uses
+    (fake / "nas" / "__init__.py").write_text("")
+    (fake / "ensemble").mkdir()
+    (fake / "ensemble" / "__init__.py").write_text("")
+    (fake / "models").mkdir()
+    (fake / "models" / "__init__.py").write_text("")
+    assert repro.chapter_packages(fake) == ("ensemble", "nas")
+
+    def unit(**k):
+        repro._CODE_DIGEST.clear()          # the digest is memoised per process
+        return repro.unit_code_digest(root=fake, **k)
+
+    s0, n0, a0 = unit(supervised=True), unit(uses=("nas",)), unit()
     (fake / "nas" / "fast" / "kernels.c").write_text("int h(void);\n")
-    assert sup() == s0 and digest() != d1
+    s1, n1, a1 = unit(supervised=True), unit(uses=("nas",)), unit()
+    assert s1 == s0 and n1 != n0 and a1 != a0
+    (fake / "ensemble" / "__init__.py").write_text("x = 1\n")
+    assert unit(uses=("nas",)) == n1 and unit() != a1
+    (fake / "models" / "__init__.py").write_text("x = 1\n")   # the registry shapes every unit
+    assert unit(supervised=True) != s1
+
+
+def test_packages_used_names_the_chapter_packages_of_hooks():
+    from helpers.nas.search import run_search
+    from helpers.train import Hook
+
+    assert repro.packages_used() == () and repro.packages_used(None, Hook()) == ()
+    assert repro.packages_used(run_search) == ("nas", "rl")
+    assert repro.packages_used(lambda x: x) is None        # defined outside helpers: all packages
 
 
 def test_recorder_scope_sets_aside_units_of_other_params(tmp_path):

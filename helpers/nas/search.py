@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..repro import resolve_device
+from ..repro import resolve_device, unit_code_digest
 from ..rl import advantages, reinforce_loss, rl_metrics, update_baseline
 from .cache import ChildCache
 from .children import train_children
@@ -199,7 +199,8 @@ def search_all(recorder, strategies: Sequence[str], seeds: Sequence[int], cfg: S
                         "history": df}
 
             recorder.unit({"strategy": strategy, "seed": seed}, compute,
-                          fingerprint={"config": repr(cfg), "data": getattr(evaluate, "data_fingerprint", None)})
+                          fingerprint={"config": repr(cfg), "data": getattr(evaluate, "data_fingerprint", None)},
+                          code=unit_code_digest(uses=("nas", "rl")))
     episodes = recorder.histories()
     order = {s: i for i, s in enumerate(strategies)}
     return episodes.sort_values(["strategy", "seed", "episode"], key=lambda c: c.map(order) if c.name == "strategy" else c,

@@ -33,10 +33,13 @@ def load_dataset(flag: str, size: int = 28, data_root: str | None = None,
 
 
 def checkpoint_path(recorder: Recorder, unit: str) -> Path:
-    """Cache file of a unit's training checkpoint: ``$RLMED_CACHE/checkpoints/<notebook>/<run>/...``."""
+    """Cache file of a unit's training checkpoint:
+    ``$RLMED_CACHE/checkpoints/<book>/<notebook>/<run>/<unit>.pt``, where ``<book>`` is a short digest
+    of the book folder, so two books (a test's and the real one) never share checkpoints."""
     root = recorder.root.resolve()
+    results = (book_dir() / "results").resolve()
     try:
-        rel = root.relative_to((book_dir() / "results").resolve())
+        rel = Path(hashlib.sha256(str(results).encode()).hexdigest()[:12]) / root.relative_to(results)
     except ValueError:  # a results folder outside the book: key the cache by its path
         rel = Path("external") / hashlib.sha256(str(root).encode()).hexdigest()[:16]
     return cache_dir("checkpoints") / rel / f"{unit}.pt"
@@ -86,7 +89,9 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
                    init_from: str | os.PathLike | Mapping | None = None,
                    normalize: tuple[float, float] | None = None,
                    evaluate_on: Sequence[str] = ("val", "test"), keep_model: bool = False,
-                   criterion=None, param_groups_fn=None, data_tag: str | None = None) -> dict:
+                   criterion=None, param_groups_fn=None, data_tag: str | None = None,
+                   scorer=None, num_outputs: int | None = None,
+                   sample_weights: torch.Tensor | None = None) -> dict:
     """Train, select the best epoch on val, evaluate on ``evaluate_on``, store the unit; return metrics.
 
     The one supervised unit of every chapter. Its key is ``unit`` (default flag, model, seed) plus a
@@ -101,7 +106,15 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
       touches test.
     * ``keep_model``: store the best weights as ``models/<unit>.pt`` (:meth:`Recorder.load_model`).
     * ``criterion`` and ``param_groups_fn(model) -> groups`` are handed to :func:`helpers.train.fit`.
+    * ``scorer(model, loader, prefix) -> (metrics, scores, labels)`` replaces the classification
+      evaluation, of val at every epoch (fit's ``validate``) and of each split of ``evaluate_on``
+      (e.g. a regression target: MAE, R², quadratic kappa); ``num_outputs`` overrides the model's
+      number of outputs (1 for a regression head; default the dataset's classes).
+    * A hook may have a ``fingerprint`` (JSON-able: its settings, so units differing only in them are
+      redone) and ``unit_arrays() -> {name: array}`` (stored with the unit's scores after selection).
     * ``sampler="weighted"`` draws class-balanced batches; ``class_weighting="balanced"`` weights the loss.
+    * ``sample_weights``: one weight per training image for a weighted sampler with replacement (e.g.
+      oversampling images a model got wrong); it replaces ``sampler`` and enters the fingerprint.
 
     Under ``torchrun`` (DDP), every rank trains on its shard of each epoch; only rank 0 evaluates
     and stores, and every rank returns the stored metrics.
@@ -118,50 +131,67 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
         keys["variant"] = digest(settings)[:8]
     fingerprint = {"keys": keys, "settings": settings, "model": model_name, "seed": seed, "fit": asdict(cfg),
                    "batch_size": batch_size, "evaluate_on": list(evaluate_on), "data": data_fingerprint(ds),
-                   "data_tag": data_tag, "hooks": [type(h).__name__ for h in hooks],
+                   "data_tag": data_tag, "hooks": [getattr(h, "fingerprint", None) or type(h).__name__ for h in hooks],
                    "criterion": None if criterion is None else getattr(criterion, "__name__", type(criterion).__name__)}
+    if sample_weights is not None:   # absent otherwise: other units keep their fingerprints
+        if len(sample_weights) != len(ds["train"]) or not bool((torch.as_tensor(sample_weights) >= 0).all()):
+            raise ValueError(f"sample_weights: {len(sample_weights)} weights for {len(ds['train'])} training images; "
+                             f"give one non-negative weight per image of ds['train'].")
+        fingerprint["sample_weights"] = hashlib.sha256(torch.as_tensor(sample_weights, dtype=torch.float64)
+                                                       .numpy().tobytes()).hexdigest()[:16]
+    if scorer is not None or num_outputs is not None:   # absent otherwise: other units keep their fingerprints
+        fingerprint.update(scorer=repr(scorer), num_outputs=num_outputs)
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     mean, std = normalize if normalize is not None else (0.5, 0.5)
+
+    # the unit's code: the shared modules plus the chapter packages its hooks and criterion come from
+    code = unit_code_digest(uses=packages_used(*hooks, criterion, param_groups_fn, scorer))
 
     def compute() -> dict | None:
         dev = resolve_device(device)
         seed_everything(seed)
-        model = create_model(model_name, num_classes=ds.n_classes, in_chans=ds.n_channels, **dict(model_kwargs or {}))
+        model = create_model(model_name, num_classes=num_outputs or ds.n_classes, in_chans=ds.n_channels,
+                             **dict(model_kwargs or {}))
         if init_from is not None:
             model.load_state_dict(_initial_weights(init_from))
         train = ds["train"]
         weights = None
         if sampler == "weighted" and not ds.multilabel:
             weights = data_mod.class_balanced_weights(train.labels, ds.n_classes)
+        if sample_weights is not None:
+            weights = torch.as_tensor(sample_weights, dtype=torch.float32)
         loader = data_mod.TensorLoader(train, batch_size, shuffle=True, augment=augment_mod.make_augment(augment),
                                        device=dev, weights=weights, seed=seed, mean=mean, std=std,
                                        rank=rank, world_size=world)
         val_loader = data_mod.TensorLoader(ds["val"], 512, device=dev, mean=mean, std=std)
         cw = data_mod.class_weights(train.labels, ds.n_classes) if class_weighting == "balanced" and not ds.multilabel else None
-        ckpt = checkpoint_path(recorder, unit_name(**keys))
+        # named after the unit's fingerprint and code: a checkpoint left by other code is never resumed
+        ckpt = checkpoint_path(recorder, f"{unit_name(**keys)}-{digest({'unit': fingerprint, 'code': code})[:12]}")
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         result = fit(model, loader, val_loader, ds.task, cfg, device=dev, checkpoint=ckpt, hooks=hooks,
                      class_weights=cw, desc=unit_name(**keys), criterion=criterion,
-                     param_groups=param_groups_fn(model) if param_groups_fn is not None else None)
+                     param_groups=param_groups_fn(model) if param_groups_fn is not None else None,
+                     validate=(lambda m: scorer(m, val_loader, "val")[0]) if scorer is not None else None)
         if rank != 0:
             return None
         metrics, scores = {}, {}
         for split in evaluate_on:
             split_loader = val_loader if split == "val" else data_mod.TensorLoader(ds[split], 512, device=dev,
                                                                                    mean=mean, std=std)
-            m, sc, lab = evaluate(result.model, split_loader, ds.task, prefix=split, device=dev, amp=cfg.amp,
-                                  channels_last=cfg.channels_last)
+            m, sc, lab = (scorer(result.model, split_loader, split) if scorer is not None else
+                          evaluate(result.model, split_loader, ds.task, prefix=split, device=dev, amp=cfg.amp,
+                                   channels_last=cfg.channels_last))
             metrics.update(m)
             scores.update({f"{split}_scores": sc, f"{split}_labels": lab, f"{split}_index": ds[split].index.numpy()})
+        for hook in hooks:   # a hook's arrays at the best epoch (e.g. an agent's masks of probe images)
+            scores.update(hook.unit_arrays() if hasattr(hook, "unit_arrays") else {})
         metrics.update({"params": sum(p.numel() for p in result.model.parameters()), "best_epoch": result.best_epoch,
                         "epochs_run": len(result.history), "train_s": result.wall_s})
         return {"metrics": metrics, "history": result.history, "scores": scores,
                 "model": result.model.state_dict() if keep_model else None,
                 "extra": {"stopped_early": result.stopped_early, "resumed_from": result.resumed_from}}
 
-    # the unit's code: the shared modules plus the chapter packages its hooks and criterion come from
-    uses = packages_used(*hooks, criterion, param_groups_fn)
-    record = recorder.unit(keys, compute, fingerprint=fingerprint, code=unit_code_digest(uses=uses))
+    record = recorder.unit(keys, compute, fingerprint=fingerprint, code=code)
     if world > 1:
         dist.barrier()
         if record is None:

@@ -9,7 +9,9 @@ Extension points a method uses instead of copying the loop:
 
 * ``Hook`` (:class:`Hook`): ``on_fit_start(model, optimizer, device)``, ``transform_batch(x, y, model)``
   before the forward pass, ``on_batch_end(x, y, logits, loss_per_sample)`` after it (the policy's
-  reward without a second forward pass), ``on_epoch_end(epoch, logs)``; its ``state_dict`` is
+  reward without a second forward pass), ``after_step(x, y, model, optimizer)`` after the optimiser
+  step (a hook's own extra update, e.g. a second classifier step on masked images),
+  ``on_epoch_end(epoch, logs)``; its ``state_dict`` is
   checkpointed and the state at the best epoch is restored with the best weights.
 * ``fit(..., criterion=, param_groups=, validate=)``: a per-sample loss, optimiser parameter groups
   (e.g. a lower LR for a pre-trained backbone) and a validation callable for objectives that are not
@@ -56,6 +58,7 @@ class FitConfig:
     pct_start: float = 0.3              # onecycle warm-up share
     plateau_factor: float = 0.1
     plateau_patience: int = 2
+    min_lr: float = 0.0                 # floor of the LR: plateau's min_lr and cosine's eta_min
     grad_clip: float | None = None      # max global grad norm; None = off
     patience: int | None = None         # early stopping patience in epochs; None = off
     min_delta: float = 0.0              # smallest change of the monitor that counts as better
@@ -92,7 +95,9 @@ class Hook:
     per batch ``transform_batch`` before the forward pass (e.g. a policy's noise mask or an
     adversarial erasing step) and ``on_batch_end`` after the loss (``loss_per_sample`` is detached,
     shape ``(B,)``, and averages to the batch's logged loss; ``x`` is the transformed batch);
-    ``on_epoch_end`` after validation, which may return extra metrics for the history.
+    ``after_step`` after the optimiser step of the batch (before a per-batch LR schedule steps), where
+    a hook may take its own extra update with the same ``optimizer``; ``on_epoch_end`` after
+    validation, which may return extra metrics for the history.
     ``state_dict``/``load_state_dict`` are checkpointed every epoch, and the state at the best
     epoch is restored at the end of :func:`fit`, beside the best weights. A state must hold only
     tensors and plain Python values (checkpoints load with ``weights_only=True``).
@@ -106,6 +111,10 @@ class Hook:
 
     def on_batch_end(self, x: torch.Tensor, y: torch.Tensor, logits: torch.Tensor,
                      loss_per_sample: torch.Tensor) -> None:
+        pass
+
+    def after_step(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module,
+                   optimizer: torch.optim.Optimizer) -> None:
         pass
 
     def on_epoch_end(self, epoch: int, logs: dict) -> dict | None:
@@ -233,6 +242,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable, criterion: nn.Module, op
         if grad_clip:
             grad_norm_sum += float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip))
         optimizer.step()
+        for hook in hooks:
+            hook.after_step(x, y, model, optimizer)
         if scheduler is not None:
             scheduler.step()
         n = len(y)
@@ -302,11 +313,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: FitConfig, steps_per_e
                                                    pct_start=cfg.pct_start, div_factor=10,
                                                    final_div_factor=100), True
     if cfg.schedule == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total), True
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total, eta_min=cfg.min_lr), True
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max" if cfg.maximize else "min", factor=cfg.plateau_factor,
-            patience=cfg.plateau_patience), False
+            patience=cfg.plateau_patience, min_lr=cfg.min_lr), False
     return None, False
 
 

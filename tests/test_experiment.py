@@ -114,3 +114,20 @@ def test_normalisation_reaches_the_loaders(tmp_path, monkeypatch):
     train_and_test(Recorder(tmp_path / "r"), dataset(), "cnn", 0, CFG, batch_size=32, model_kwargs=KW,
                    normalize=(0.2, 0.3))
     assert seen and set(seen) == {(0.2, 0.3)}
+
+
+def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch):
+    ds = dataset()
+    rec = Recorder(tmp_path / "r")
+    train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
+    ckpts = sorted((tmp_path / "cache").rglob("*.pt"))
+    assert len(ckpts) == 1 and load_finished(ckpts[0])
+    monkeypatch.setattr(experiment, "unit_code_digest", lambda *a, **k: "edited code")
+    m = train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)   # redone from scratch
+    assert len(sorted((tmp_path / "cache").rglob("*.pt"))) == 2
+    assert rec.load_unit(**rec.units()[0]["keys"])["resumed_from"] is None and m["epochs_run"] == CFG.epochs
+
+
+def load_finished(path) -> bool:
+    from helpers.train import load_checkpoint
+    return bool(load_checkpoint(path).get("finished"))

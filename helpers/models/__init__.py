@@ -4,6 +4,11 @@ Importing this package registers the built-in models: ``"cnn"``, ``"resnet"``,
 ``"seresnet"``, ``"seresnet_mura"``, ``"densenet121"`` and ``"nas_child"``. Build one with
 ``create_model(name, num_classes, in_chans=1, **kwargs)``; every model maps
 ``(B, in_chans, H, W)`` images to logits ``(B, num_classes)``.
+
+Dense-output models (per-pixel maps ``(B, num_classes, H, W)``, e.g. a masking agent) live in
+:mod:`helpers.models.unet` and are registered in the same registry under the names in
+``DENSE_MODELS`` (``"unet_small"``, any side; ``"smp_unet"``, segmentation-models-pytorch, sides
+divisible by 32); ``is_dense(name)`` tells them apart from the classifiers.
 """
 
 from .blocks import ResidualBlock, SEModule, SpatialAttention
@@ -18,6 +23,8 @@ from .registry import (
 
 # Imported for their registration side effect.
 from . import cnn, densenet, nas_child, seresnet  # noqa: E402,F401  isort: skip
+from . import unet  # noqa: E402,F401  isort: skip  (dense-output models)
+from .unet import DENSE_MODELS, is_dense
 from .cnn import SimpleCNN
 from .nas_child import NASChild
 from .seresnet import MURA_CONFIG, SEResNet
@@ -36,4 +43,6 @@ __all__ = [
     "NASChild",
     "SEResNet",
     "MURA_CONFIG",
+    "DENSE_MODELS",
+    "is_dense",
 ]

@@ -1,0 +1,357 @@
+"""APGA and its controls as :class:`helpers.train.Hook` s of the shared ``fit`` loop.
+
+The loop takes the clean classifier step of every batch. Each hook here adds exactly one more
+classifier update per batch, in ``after_step`` (so every method gets two classifier updates per
+batch, the same schedule and the same validation looks):
+
+* :class:`RepeatHook`: a second step on the same clean images (the clean control).
+* :class:`CutoutHook`: a step on randomly erased images (one box per image, the reference's cutout).
+* :class:`GradCAMHook`: a step on the images with only the pixels a frozen baseline's Grad-CAM
+  map marks (> threshold) kept.
+* :class:`EndToEndHook`: a mask network trained jointly by backprop: a step on ``x * p`` (soft mask).
+* :class:`APGAHook`: the agent. Per batch, in order: (1) the loop's clean step; (2) the agent's
+  mask erases pixels; (3) reward = loss on the erased images - loss on the clean images, per image,
+  with a moving-average baseline; (4) REINFORCE on the agent's actions; (5) a step on the
+  inverse-masked images (only the erased pixels kept). By default both reward losses are taken
+  before the clean update in train mode and actions are sampled; ``faithful=True`` is the
+  reference: greedy ``p > 0.5`` actions and the erased loss taken after the clean update in eval
+  mode (the clean loss before it, in train mode).
+
+The extra steps use the loop's optimiser (and so its learning rate); they are taken in float32
+without the loop's gradient clipping. Each hook logs its own metrics per epoch, keeps its state
+(agent weights, optimiser, baseline, random generator) in ``state_dict`` so that ``fit`` restores
+the state of the best epoch, and gives ``unit_arrays`` (its masks of fixed probe images, stored
+with the unit) for the page's gallery.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..augment import erase_masks
+from ..losses import make_criterion
+from ..rl import MovingAverageBaseline, rl_metrics
+from ..train import Hook
+from .agent import agent_loss, sample_mask
+from .gradcam import gradcam_maps
+from .masks import erase, keep_only
+
+
+class _Means:
+    """Running means of named scalars over an epoch."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, **values: float) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def pop(self) -> dict:
+        out = {k: self.sums[k] / self.counts[k] for k in self.sums}
+        self.sums, self.counts = {}, {}
+        return out
+
+
+def _to_device_state(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and k != "step":
+                st[k] = v.to(device)
+
+
+class SecondStepHook(Hook):
+    """Base: one extra classifier update per batch on ``second_batch(x, y, model)`` (see the module doc)."""
+
+    name = "second"
+
+    def __init__(self, task: str, probe: tuple[torch.Tensor, torch.Tensor] | None = None):
+        self.task = task
+        self.criterion = make_criterion(task)
+        self.probe = probe
+        self.means = _Means()
+        self.device = torch.device("cpu")
+
+    @property
+    def fingerprint(self) -> dict:
+        return {"hook": type(self).__name__, **self.settings()}
+
+    def settings(self) -> dict:
+        return {}
+
+    def on_fit_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+        self.model, self.device = model, torch.device(device)
+
+    def second_batch(self, x: torch.Tensor, y: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        raise NotImplementedError
+
+    def classifier_step(self, x2: torch.Tensor, y: torch.Tensor, model: nn.Module,
+                        optimizer: torch.optim.Optimizer, extra_loss: torch.Tensor | None = None,
+                        extra_optimizer: torch.optim.Optimizer | None = None) -> float:
+        """One update of the classifier (and of ``extra_optimizer``'s parameters) on ``x2``; returns its loss."""
+        loss = self.criterion(model(x2).float(), y).mean()
+        total = loss if extra_loss is None else loss + extra_loss
+        optimizer.zero_grad(set_to_none=True)
+        if extra_optimizer is not None:
+            extra_optimizer.zero_grad(set_to_none=True)   # the reference's end-to-end never did (bug 2)
+        total.backward()
+        optimizer.step()
+        if extra_optimizer is not None:
+            extra_optimizer.step()
+        return float(loss.detach())
+
+    def after_step(self, x, y, model, optimizer) -> None:
+        with torch.no_grad():
+            x2 = self.second_batch(x, y, model)
+        self.means.add(**{f"{self.name}/loss": self.classifier_step(x2, y, model, optimizer)})
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> dict:
+        return self.means.pop()
+
+    def unit_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+
+class RepeatHook(SecondStepHook):
+    """The clean control: the second update of each batch is on the same clean images."""
+
+    name = "repeat"
+
+    def second_batch(self, x, y, model):
+        return x
+
+
+class CutoutHook(SecondStepHook):
+    """The second update is on images with one random box erased each (the reference's random
+    erasing with p = 1, aspect 0.3-3.3, fill black; area ``scale`` of the image)."""
+
+    name = "cutout"
+
+    def __init__(self, task: str, fill: float, *, p: float = 1.0, scale: tuple[float, float] = (0.02, 0.33),
+                 seed: int = 0, probe=None):
+        super().__init__(task, probe)
+        self.fill, self.p, self.scale = fill, p, tuple(scale)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+
+    def settings(self) -> dict:
+        return {"fill": self.fill, "p": self.p, "scale": list(self.scale), "seed": self.seed}
+
+    def second_batch(self, x, y, model):
+        mask = erase_masks(x.shape[0], x.shape[-2], x.shape[-1], self.generator, self.p, self.scale)
+        return erase(x, mask.to(x.device), self.fill)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.generator.set_state(state["generator"])
+
+
+class GradCAMHook(SecondStepHook):
+    """The second update keeps only the pixels where the Grad-CAM map of ``frozen`` (a copy of the
+    baseline, never updated) for the true class exceeds ``threshold``."""
+
+    name = "gradcam"
+
+    def __init__(self, task: str, frozen: nn.Module, fill: float, *, threshold: float = 0.5,
+                 layer: str | None = None, probe=None):
+        super().__init__(task, probe)
+        self.frozen = copy.deepcopy(frozen).eval()
+        for p in self.frozen.parameters():
+            p.requires_grad_(False)
+        self.fill, self.threshold, self.layer = fill, threshold, layer
+
+    def settings(self) -> dict:
+        return {"fill": self.fill, "threshold": self.threshold, "layer": self.layer}
+
+    def on_fit_start(self, model, optimizer, device) -> None:
+        super().on_fit_start(model, optimizer, device)
+        self.frozen.to(self.device)
+
+    def keep_mask(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return (gradcam_maps(self.frozen, x, y, self.layer) > self.threshold).float()
+
+    def second_batch(self, x, y, model):
+        keep = self.keep_mask(x, y)
+        self.means.add(**{"gradcam/keep_area": float(keep.mean())})
+        return keep_only(x, keep, self.fill)
+
+    def unit_arrays(self) -> dict[str, np.ndarray]:
+        if self.probe is None:
+            return {}
+        x, y = (t.to(self.device) for t in self.probe)
+        return {"probe_gradcam": gradcam_maps(self.frozen, x, y, self.layer).cpu().numpy()}
+
+
+class EndToEndHook(SecondStepHook):
+    """A mask network trained jointly with the classifier by backprop (the reference's end-to-end):
+    the second update is on ``keep_only(x, p)`` with the soft keep probability ``p`` of ``masker``,
+    plus ``erase_coef * BCE(p, 0) + keep_coef * BCE(p, 1)`` for the masker (reference 0.5 and 0.6)."""
+
+    name = "end2end"
+
+    def __init__(self, task: str, masker: nn.Module, fill: float, *, lr: float = 1e-4, erase_coef: float = 0.5,
+                 keep_coef: float = 0.6, probe=None):
+        super().__init__(task, probe)
+        self.masker, self.fill, self.lr = masker, fill, lr
+        self.erase_coef, self.keep_coef = erase_coef, keep_coef
+        self.opt = torch.optim.Adam(self.masker.parameters(), lr=lr)
+
+    def settings(self) -> dict:
+        return {"fill": self.fill, "lr": self.lr, "erase_coef": self.erase_coef, "keep_coef": self.keep_coef,
+                "masker": type(self.masker).__name__}
+
+    def on_fit_start(self, model, optimizer, device) -> None:
+        super().on_fit_start(model, optimizer, device)
+        self.masker.to(self.device).train()
+        _to_device_state(self.opt, self.device)
+
+    def after_step(self, x, y, model, optimizer) -> None:
+        z = self.masker(x).float()
+        p = torch.sigmoid(z)
+        reg = (self.erase_coef * F.binary_cross_entropy_with_logits(z, torch.zeros_like(z))
+               + self.keep_coef * F.binary_cross_entropy_with_logits(z, torch.ones_like(z)))
+        loss = self.classifier_step(keep_only(x, p, self.fill), y, model, optimizer, extra_loss=reg,
+                                    extra_optimizer=self.opt)
+        self.means.add(**{"end2end/loss": loss, "end2end/keep_mean": float(p.detach().mean())})
+
+    def state_dict(self) -> dict:
+        return {"masker": self.masker.state_dict(), "opt": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.masker.load_state_dict(state["masker"])
+            self.opt.load_state_dict(state["opt"])
+
+    def unit_arrays(self) -> dict[str, np.ndarray]:
+        if self.probe is None:
+            return {}
+        self.masker.eval()
+        with torch.no_grad():
+            p = torch.sigmoid(self.masker(self.probe[0].to(self.device)).float())
+        self.masker.train()
+        return {"probe_keep": p.cpu().numpy()}
+
+
+class APGAHook(SecondStepHook):
+    """Adversarial Policy Gradient Augmentation (see the module docstring for the per-batch order).
+
+    Args:
+        task: the dataset's task (for the per-image cross-entropy).
+        agent: a dense registry model, one logit per pixel: ``p = sigmoid`` = probability to erase.
+        fill: the normalised value of an erased pixel (:func:`helpers.apga.masks.fill_value`).
+        faithful: the reference's greedy ``p > 0.5`` actions and its mixed-mode reward.
+        lr: the agent's Adam learning rate.
+        pg_coef, erase_coef, keep_coef, entropy_coef: :func:`helpers.apga.agent.agent_loss`.
+        baseline_decay: the moving-average baseline's decay (the reference's 0.5).
+        inverse_step: take step (5), the classifier update on the inverse-masked images.
+        probe: ``(images, labels)`` whose erase probabilities at the best epoch ``unit_arrays`` gives.
+    """
+
+    name = "apga"
+
+    def __init__(self, task: str, agent: nn.Module, fill: float, *, faithful: bool = False, lr: float = 1e-4,
+                 pg_coef: float = 100.0, erase_coef: float = 0.1, keep_coef: float = 0.01,
+                 entropy_coef: float = 0.0, baseline_decay: float = 0.5, inverse_step: bool = True, probe=None):
+        super().__init__(task, probe)
+        self.agent, self.fill, self.faithful, self.lr = agent, fill, faithful, lr
+        self.coefs = {"pg_coef": pg_coef, "erase_coef": erase_coef, "keep_coef": keep_coef,
+                      "entropy_coef": entropy_coef}
+        self.baseline = MovingAverageBaseline(baseline_decay)
+        self.inverse_step = inverse_step
+        self.opt = torch.optim.Adam(self.agent.parameters(), lr=lr)
+        self._pending: tuple | None = None
+
+    def settings(self) -> dict:
+        return {"fill": self.fill, "faithful": self.faithful, "lr": self.lr, **self.coefs,
+                "baseline_decay": self.baseline.decay, "inverse_step": self.inverse_step,
+                "agent": type(self.agent).__name__}
+
+    def on_fit_start(self, model, optimizer, device) -> None:
+        super().on_fit_start(model, optimizer, device)
+        self.agent.to(self.device).train()
+        _to_device_state(self.opt, self.device)
+
+    def erased_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """Per-image loss of ``model`` on ``x`` with the ``action`` pixels erased, in ``model``'s current mode."""
+        with torch.no_grad():
+            return self.criterion(model(erase(x, action, self.fill)).float(), y)
+
+    def agent_update(self, reward: torch.Tensor, logits: torch.Tensor, log_prob: torch.Tensor,
+                     entropy: torch.Tensor) -> dict:
+        """Steps (3)-(4): baseline, advantage, REINFORCE step of the agent; returns the logged values."""
+        baseline = self.baseline.update(reward)
+        advantage = reward - baseline
+        loss = agent_loss(logits, log_prob, advantage, entropy=entropy, **self.coefs)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return rl_metrics(reward, baseline, advantage, entropy)
+
+    def on_batch_end(self, x, y, logits, loss_per_sample) -> None:
+        z = self.agent(x).float()
+        action, log_prob, entropy = sample_mask(z, greedy=self.faithful)
+        clean = loss_per_sample.detach().float()
+        self._pending = (z, action, log_prob, entropy, clean)
+        if not self.faithful:   # both losses before the clean update, both in train mode
+            logs = self.agent_update(self.erased_loss(self.model, x, y, action) - clean, z, log_prob, entropy)
+            self._log(logs, z, action)
+
+    def after_step(self, x, y, model, optimizer) -> None:
+        if self._pending is None:
+            raise RuntimeError("APGAHook.after_step without on_batch_end: the hook must be given to fit's hooks")
+        z, action, log_prob, entropy, clean = self._pending
+        self._pending = None
+        if self.faithful:       # the reference: erased loss after the clean update, in eval mode
+            was = model.training
+            model.eval()
+            adv = self.erased_loss(model, x, y, action)
+            model.train(was)
+            self._log(self.agent_update(adv - clean, z, log_prob, entropy), z, action)
+        if self.inverse_step:
+            loss = self.classifier_step(keep_only(x, action, self.fill), y, model, optimizer)
+            self.means.add(**{"apga/inverse_loss": loss})
+
+    def _log(self, logs: dict, z: torch.Tensor, action: torch.Tensor) -> None:
+        self.means.add(**logs, **{"apga/erase_area": float(action.mean()),
+                                  "apga/p_mean": float(torch.sigmoid(z.detach()).mean())})
+
+    def state_dict(self) -> dict:
+        value = self.baseline.value
+        return {"agent": self.agent.state_dict(), "opt": self.opt.state_dict(),
+                "baseline": None if value is None else float(value)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            self.agent.load_state_dict(state["agent"])
+            self.opt.load_state_dict(state["opt"])
+            b = state["baseline"]
+            self.baseline.value = None if b is None else torch.tensor(float(b))
+
+    def erase_probability(self, x: torch.Tensor) -> torch.Tensor:
+        """The agent's per-pixel erase probability (B, 1, H, W) of images ``x`` (eval mode, no gradient)."""
+        was = self.agent.training
+        self.agent.eval()
+        with torch.no_grad():
+            p = torch.sigmoid(self.agent(x.to(self.device)).float())
+        self.agent.train(was)
+        return p
+
+    def unit_arrays(self) -> dict[str, np.ndarray]:
+        if self.probe is None:
+            return {}
+        return {"probe_erase_p": self.erase_probability(self.probe[0]).cpu().numpy()}
+
+
+def describe(hook: Any) -> str:
+    """A hook's name and settings in one line (for tables)."""
+    return f"{type(hook).__name__}({', '.join(f'{k}={v}' for k, v in hook.settings().items())})"

@@ -1,0 +1,286 @@
+"""The chapter's fair protocol, k-shot subsets and result tables.
+
+**Protocol** (every method alike). For each k and seed: draw the k-shot training subset; train a
+clean baseline (``pretrain``, its own epochs, selected on val, test never touched); then every
+method starts from the baseline's weights and trains for the *same* number of epochs, with two
+classifier updates per batch (the loop's clean step plus the method's step, see
+:mod:`helpers.apga.hooks`), is validated once per epoch (the same number of validation looks, no
+early stopping), keeps its best epoch by the same monitor on val, and is tested once. The
+reference instead validated APGA every 100 iterations with test-time augmentation but its
+baselines once per epoch, and reported the best val accuracy.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .. import data as data_mod
+from ..config import ParamsError
+from ..experiment import train_and_test, unit_settings
+from ..models import create_model
+from ..results import Recorder, digest
+from ..stats import compare_pairs, holm
+from ..train import FitConfig
+from .hooks import APGAHook, CutoutHook, EndToEndHook, GradCAMHook, RepeatHook
+from .masks import fill_value, overlap
+
+#: The methods of the chapter, in table order; ``clean`` and ``cutout`` are the controls.
+METHODS = ("clean", "cutout", "gradcam", "end2end", "apga", "apga_faithful")
+CONTROLS = ("clean", "cutout")
+
+
+def k_label(k: int | None) -> str:
+    """A k-shot size as a unit key: ``"10"``, ..., ``"all"``."""
+    return "all" if k is None else str(int(k))
+
+
+def kshot(ds: data_mod.MedMNIST, k: int | None, seed: int) -> data_mod.MedMNIST:
+    """``ds`` with its training split cut to ``k`` images of every class (k positive and k negative
+    for a binary task), drawn from train only with a generator seeded by ``seed``; val and test are
+    unchanged. ``k=None`` keeps the whole training split."""
+    if k is None:
+        return ds
+    if ds.multilabel:
+        raise ValueError(f"kshot: {ds.flag} is multi-label; k-shot subsets are defined per class of a "
+                         f"single-label task")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"kshot: k={k}; give k >= 1 images per class, or null for the whole training split")
+    labels = ds["train"].labels.numpy()
+    rng = np.random.default_rng([int(seed), k])
+    picks = []
+    for c in range(ds.n_classes):
+        where = np.flatnonzero(labels == c)
+        if len(where) < k:
+            raise ValueError(f"kshot: {ds.flag} train has {len(where)} images of class {c} "
+                             f"({ds.label_names.get(str(c), c)}), fewer than k={k}. Fix: lower k (or use null "
+                             f"for the whole split).")
+        picks.append(rng.choice(where, k, replace=False))
+    idx = np.sort(np.concatenate(picks))
+    return replace(ds, splits={**ds.splits, "train": ds["train"].take(idx)})
+
+
+def check_protocol(cfg: FitConfig) -> None:
+    """Refuse a fit config that would give methods different numbers of validation looks."""
+    if cfg.patience is not None:
+        raise ParamsError(f"fit.patience={cfg.patience}: the fair protocol gives every method the same number of "
+                          f"validation looks (one per epoch, {cfg.epochs} epochs). Fix: set fit.patience to null.")
+
+
+def check_equal_looks(histories: pd.DataFrame, by: Sequence[str] = ("flag", "k", "seed"),
+                      method: str = "method", monitor: str = "val/auc") -> pd.DataFrame:
+    """The number of validation looks (epochs with a ``monitor`` score) per method within each ``by``
+    group; raises ``AssertionError`` naming the group when the methods of a group differ."""
+    scored = histories.dropna(subset=[monitor]) if monitor in histories else histories
+    looks = scored.groupby([*by, method]).size().rename("val_looks").reset_index()
+    for key, group in looks.groupby(list(by)):
+        if group["val_looks"].nunique() > 1:
+            raise AssertionError(f"unequal validation looks in {dict(zip(by, key))}: "
+                                 f"{dict(zip(group[method], group['val_looks']))}")
+    return looks
+
+
+def probe_batch(ds: data_mod.MedMNIST, n: int, mean: float = 0.5, std: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` validation images (normalised) and labels: fixed images for the gallery."""
+    split = ds["val"]
+    x = split.images[:n].float().div(255.0).sub(mean).div(std)
+    return x, split.labels[:n]
+
+
+def make_hook(method: str, ds: data_mod.MedMNIST, seed: int, *, baseline: torch.nn.Module, agent: Mapping[str, Any],
+              apga: Mapping[str, Any], end2end: Mapping[str, Any], cutout: Mapping[str, Any],
+              gradcam: Mapping[str, Any], probe=None):
+    """The hook of ``method`` (one of :data:`METHODS`), with its params groups."""
+    fill = fill_value()
+    task = ds.task
+
+    def new_agent() -> torch.nn.Module:
+        torch.manual_seed(seed + 10_000)   # the agent's init is seeded apart from the classifier's
+        return create_model(agent["model"], num_classes=1, in_chans=ds.n_channels, **dict(agent.get("kwargs") or {}))
+
+    if method == "clean":
+        return RepeatHook(task, probe)
+    if method == "cutout":
+        return CutoutHook(task, fill, seed=seed, probe=probe, **dict(cutout))
+    if method == "gradcam":
+        return GradCAMHook(task, baseline, fill, probe=probe, **dict(gradcam))
+    if method == "end2end":
+        return EndToEndHook(task, new_agent(), fill, probe=probe, **dict(end2end))
+    if method in ("apga", "apga_faithful"):
+        return APGAHook(task, new_agent(), fill, faithful=method == "apga_faithful", probe=probe, **dict(apga))
+    raise ParamsError(f"method '{method}' unknown; use one of {', '.join(METHODS)}")
+
+
+def agent_for(size: int, small: Mapping[str, Any], large: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The agent for images of side ``size``: ``large`` (segmentation-models-pytorch, whose encoders
+    need sides divisible by 32) where the side allows, else ``small`` (our U-Net, any side)."""
+    return large if size % 32 == 0 else small
+
+
+def run_protocol(recorder: Recorder, ds: data_mod.MedMNIST, *, methods: Sequence[str], seeds: Sequence[int],
+                 ks: Sequence[int | None], model: str, pretrain: FitConfig, cfg: FitConfig, batch_size: int,
+                 agent: Mapping[str, Any], apga: Mapping[str, Any], end2end: Mapping[str, Any],
+                 cutout: Mapping[str, Any], gradcam: Mapping[str, Any], probe_n: int = 8,
+                 device: str = "auto", model_kwargs: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Run the protocol (module docstring) for one dataset; units are stored in ``recorder`` (and
+    reused when already there). Unit keys: ``flag``, ``size``, ``k``, ``seed``, ``method``.
+
+    Returns the budget per k and seed: training images, batches per epoch, epochs and classifier
+    updates of the baseline and of every method (two per batch)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ParamsError(f"methods {unknown} unknown; use some of {', '.join(METHODS)}")
+    check_protocol(cfg)
+    probe = probe_batch(ds, probe_n)
+    plan = []
+    for k in ks:
+        for seed in seeds:
+            sub = kshot(ds, k, seed)
+            keys = {"flag": ds.flag, "size": ds.size, "k": k_label(k), "seed": seed}
+            batches = -(-len(sub["train"]) // batch_size)
+            plan.append({**keys, "train images": len(sub["train"]), "batches per epoch": batches,
+                         "baseline epochs": pretrain.epochs, "method epochs": cfg.epochs,
+                         "classifier updates per method": 2 * batches * cfg.epochs,
+                         "val looks per method": cfg.epochs})
+            pre_keys = {**keys, "method": "pretrain"}
+            train_and_test(recorder, sub, model, seed, pretrain, batch_size=batch_size, unit=pre_keys,
+                           keep_model=True, evaluate_on=("val",), model_kwargs=model_kwargs, device=device)
+            settings = unit_settings(model, model_kwargs=model_kwargs)
+            weights = recorder.load_model(**pre_keys, **({"variant": digest(settings)[:8]} if settings else {}))
+            base = create_model(model, num_classes=sub.n_classes, in_chans=sub.n_channels, **dict(model_kwargs or {}))
+            base.load_state_dict(weights)
+            for method in methods:
+                hook = make_hook(method, sub, seed, baseline=base, agent=agent, apga=apga, end2end=end2end,
+                                 cutout=cutout, gradcam=gradcam, probe=probe)
+                train_and_test(recorder, sub, model, seed, cfg, batch_size=batch_size, hooks=[hook],
+                               unit={**keys, "method": method}, init_from=weights, model_kwargs=model_kwargs,
+                               device=device)
+    return pd.DataFrame(plan)
+
+
+def method_units(wide: pd.DataFrame) -> pd.DataFrame:
+    """The method units (not the pretrain baselines) of a wide metrics table, in method order."""
+    out = wide[wide["method"].isin(METHODS)].copy()
+    out["method"] = pd.Categorical(out["method"], METHODS, ordered=True)
+    return out.sort_values(["flag", "size", "k", "method", "seed"], key=_k_sort)
+
+
+def _k_sort(col: pd.Series) -> pd.Series:
+    if col.name == "k":
+        return col.map(lambda v: np.inf if v == "all" else float(v))
+    return col
+
+
+def comparisons(units: pd.DataFrame, metric: str, methods: Sequence[str] = ("apga",),
+                controls: Sequence[str] = CONTROLS) -> pd.DataFrame:
+    """Paired tests (over seeds) of each of ``methods`` against each control, per dataset, size and k,
+    with Holm's adjustment over all rows of the table."""
+    frames = []
+    units = units.assign(method=units["method"].astype(str))
+    for (flag, size, k), group in units.groupby(["flag", "size", "k"], sort=False):
+        pairs = [(m, c) for m in methods for c in controls if m != c]
+        frames.append(compare_pairs(group, pairs, metric, by="method", unit="seed", flag=flag, size=size, k=k))
+    out = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if len(out):
+        out["p_holm"] = holm(out["p"])
+    return out
+
+
+def outcome(row: Mapping, alpha: float = 0.05) -> str:
+    """``won``, ``lost`` or ``tied`` for one comparison row (significant after Holm, else tied)."""
+    p = row.get("p_holm", row.get("p"))
+    if p is None or not np.isfinite(p) or p >= alpha:
+        return "tied"
+    return "won" if row["mean_diff"] > 0 else "lost"
+
+
+def outcome_sentence(table: pd.DataFrame, label: str, alpha: float = 0.05) -> str:
+    """Where the method won, lost or tied against each control, in one sentence per method."""
+    if not len(table):
+        return f"No {label} comparison could be made (a method or a control did not run)."
+    table = table.assign(outcome=[outcome(r, alpha) for _, r in table.iterrows()])
+    parts = []
+    for (a, b), g in table.groupby(["a", "b"], sort=False):
+        counts = g["outcome"].value_counts()
+        where = {o: ", ".join(f"{r.flag} {r.size}px k={r.k}" for r in g.itertuples() if r.outcome == o)
+                 for o in ("won", "lost")}
+        text = (f"On {label}, {a} against {b} won {counts.get('won', 0)}, lost {counts.get('lost', 0)} and tied "
+                f"{counts.get('tied', 0)} of {len(g)} settings (paired t-tests over seeds, Holm-adjusted, alpha {alpha})")
+        extra = [f"won on {where['won']}" if where["won"] else "", f"lost on {where['lost']}" if where["lost"] else ""]
+        extra = "; ".join(e for e in extra if e)
+        larger = int((g["mean_diff"] > 0).sum())
+        parts.append(f"{text}{': ' + extra if extra else ''}; its mean was higher in {larger} of {len(g)}.")
+    return " ".join(parts)
+
+
+def budget_table(units: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
+    """The budget each method got, read back from the stored units: epochs run, validation looks
+    (checked equal across methods, :func:`check_equal_looks`) and mean training time."""
+    looks = check_equal_looks(histories[histories["method"].isin(METHODS)])
+    rows = []
+    for (flag, size, k, method), g in units.groupby(["flag", "size", "k", "method"], sort=False, observed=True):
+        lk = looks[(looks.flag == flag) & (looks.k == k) & (looks.method == method)]["val_looks"]
+        rows.append({"flag": flag, "size": size, "k": k, "method": str(method),
+                     "epochs": int(g["epochs_run"].iloc[0]), "val looks": int(lk.iloc[0]) if len(lk) else 0,
+                     "train s (mean)": float(g["train_s"].mean())})
+    return pd.DataFrame(rows)
+
+
+def find_unit(recorder: Recorder, **keys: Any) -> dict | None:
+    """The full keys of the stored unit whose keys include ``keys`` (its ``variant`` too), or None."""
+    for u in recorder.units():
+        if all(u["keys"].get(c) == v for c, v in keys.items()):
+            return u["keys"]
+    return None
+
+
+def gallery_overlap(recorder: Recorder, units: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
+    """Per APGA unit: IoU of the agent's region (erase p > 0.5: what its inverse-masked step keeps)
+    with the Grad-CAM region (map > ``threshold``) of the same k and seed's frozen baseline on the
+    probe images, beside the IoU of the same masks paired with another image's map (chance level)."""
+    rows = []
+    for r in units[units["method"].astype(str).isin(["apga", "apga_faithful"])].itertuples():
+        keys = {c: getattr(r, c) for c in ("flag", "size", "k", "seed")}
+        a_keys, g_keys = find_unit(recorder, **keys, method=str(r.method)), find_unit(recorder, **keys, method="gradcam")
+        if a_keys is None or g_keys is None:
+            continue
+        a, cam = recorder.scores(**a_keys).get("probe_erase_p"), recorder.scores(**g_keys).get("probe_gradcam")
+        if a is None or cam is None:
+            continue
+        agent = torch.from_numpy(a) > 0.5
+        region = torch.from_numpy(cam) > threshold
+        shuffled = torch.roll(region, 1, dims=0)
+        rows.append({**keys, "method": str(r.method), "agent area": float(agent.float().mean()),
+                     "Grad-CAM area": float(region.float().mean()), "IoU": float(overlap(agent, region).mean()),
+                     "IoU, shuffled pairs": float(overlap(agent, shuffled).mean())})
+    return pd.DataFrame(rows)
+
+
+def overlap_sentence(iou: pd.DataFrame) -> str:
+    """How much the agent's region overlaps Grad-CAM's, against the shuffled-pairs chance level."""
+    if not len(iou):
+        return "No overlap could be measured (an APGA or a Grad-CAM unit is missing)."
+    parts = []
+    for method, g in iou.groupby("method", sort=False):
+        above = int((g["IoU"] > g["IoU, shuffled pairs"]).sum())
+        parts.append(f"For {method}, the agent's region (mean area {g['agent area'].mean():.2f} of the image) "
+                     f"overlapped the Grad-CAM region (area {g['Grad-CAM area'].mean():.2f}) with a mean IoU of "
+                     f"{g['IoU'].mean():.3f}, against {g['IoU, shuffled pairs'].mean():.3f} for masks paired with "
+                     f"another image's map; above that chance level in {above} of {len(g)} runs.")
+    return " ".join(parts)
+
+
+def params_summary(cfg: FitConfig, pretrain: FitConfig) -> dict:
+    """The two fit configs' fields that the page states (epochs, LR, schedule, monitor)."""
+    pick = ("epochs", "lr", "schedule", "monitor", "patience")
+    return {**{f"pretrain {k}": getattr(pretrain, k) for k in pick},
+            **{f"method {k}": getattr(cfg, k) for k in pick}}
+
+
+__all__ = ["METHODS", "CONTROLS", "k_label", "kshot", "check_protocol", "check_equal_looks", "probe_batch",
+           "make_hook", "agent_for", "run_protocol", "method_units", "comparisons", "outcome", "outcome_sentence",
+           "budget_table", "find_unit", "gallery_overlap", "overlap_sentence", "params_summary"]

@@ -12,8 +12,9 @@ with the reference's augmentation (helpers/ensemble/augment.py):
 
 (a) **albumentations**: ``reference_pipeline(size)``, one uint8 image at a time (RandomResizedCrop,
     flips, Rotate, Affine with shear, OneOf(brightness-contrast, Gaussian blur, equalize), Erasing);
-(b) **tensor**: ``helpers.augment.BatchAugment(TENSOR_SPEC)`` per batch of ``--batch-size`` float
-    images, every image its own draw, one fused grid_sample (no shear, blur or equalize).
+(b) **tensor**: ``helpers.augment.BatchAugment(TENSOR_SPEC)`` then ``ReferenceColour`` per batch of
+    ``--batch-size`` float images, every image its own draw, one fused grid_sample (no shear), then
+    OneOf(jitter, 3x3 blur, equalize) and erasing, batched.
 
 Printed per size: images/s of both and the ratio tensor / albumentations (best of ``--repeats``).
 Nothing is asserted: this is a measurement, not a test.

@@ -215,9 +215,73 @@ def test_albumentations_hook_keeps_shape_range_and_is_reproducible():
     assert torch.equal(ens_aug.AlbumentationsHook(28).transform_batch(x, None, model.eval())[0], x)
 
 
+def _tensor_backend(x01: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The photometric part of the "tensor" backend on a float batch in [0, 1], as train_and_test
+    runs it: the loader's BatchAugment spec less its geometric keys, its normalisation (0.5, 0.5),
+    then the backend's hooks; back in [0, 1]."""
+    from helpers.augment import make_augment
+
+    spec, hooks = ens_aug.backend_setup("tensor", x01.shape[-1], seed)
+    geometric = ("crop_scale", "hflip", "vflip", "rotate", "translate", "scale")
+    aug = make_augment({k: v for k, v in spec.items() if k not in geometric})
+    x = aug(x01, torch.Generator().manual_seed(seed)) if aug is not None else x01
+    x = (x - 0.5) / 0.5
+    model = torch.nn.Linear(1, 1).train()
+    for hook in hooks:
+        x = hook.transform_batch(x, None, model)[0]
+    return x * 0.5 + 0.5
+
+
+def test_tensor_backend_colour_has_the_reference_strength():
+    # the reference: OneOf(ColorJitter .4 (brightness a factor 0.6-1.4), blur, equalize), then erasing p 0.2
+    # to the normalised 0. On a mid-grey flat image blur, equalize and that erasing change nothing, so
+    # only the jitter (about 1/3 of images) moves the centre, by at most 0.4 * 0.5 = 0.2, never by 0.4.
+    # The old TENSOR_SPEC (additive brightness 0.4 on every image) failed all three checks.
+    n = 3000
+    out = _tensor_backend(torch.full((n, 1, 28, 28), 0.5))
+    centre = out[:, 0, 12:16, 12:16].mean((1, 2))
+    changed = (centre - 0.5).abs() > 1e-3
+    assert 0.28 < float(changed.float().mean()) < 0.39
+    assert float((centre - 0.5).abs().max()) <= 0.2 + 1e-4
+    # black stays black under multiplicative brightness (additive brightness lifts it)
+    dark = _tensor_backend(torch.zeros(n, 1, 28, 28), seed=1)[:, 0, 12:16, 12:16]
+    assert float((dark > 0.02).float().mean()) < 0.25
+
+
+def test_reference_colour_ops_blur_and_equalize():
+    col = ens_aug.ReferenceColour(erase=0.0)
+    x = torch.rand(64, 1, 28, 28)
+    gen = torch.Generator().manual_seed(0)
+    out = col(x, gen)
+    assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
+    gen2 = torch.Generator().manual_seed(0)
+    choice = torch.randint(0, 3, (64,), generator=gen2)
+    eq = out[choice == 2]                                           # equalized: spans [0, 1]
+    assert torch.allclose(eq.amax((1, 2, 3)), torch.ones(len(eq))) and float(eq.amin()) == 0.0
+    blur = out[choice == 1]                                         # blurred: less variance than the input
+    assert float(blur.var((1, 2, 3)).mean()) < float(x[choice == 1].var((1, 2, 3)).mean())
+    flat = torch.full((8, 1, 28, 28), 0.3)
+    assert torch.allclose(ens_aug.ReferenceColour(brightness=0.0, contrast=0.0, erase=0.0)(flat, gen), flat, atol=1e-6)
+
+
+def test_tensor_colour_hook_is_reproducible_and_off_in_eval():
+    x = torch.rand(6, 1, 28, 28) * 2 - 1
+    model = torch.nn.Linear(1, 1)
+    a = ens_aug.TensorColourHook(seed=4).transform_batch(x, None, model.train())[0]
+    b = ens_aug.TensorColourHook(seed=4).transform_batch(x, None, model.train())[0]
+    assert torch.equal(a, b) and not torch.equal(a, x)
+    assert torch.equal(ens_aug.TensorColourHook(seed=4).transform_batch(x, None, model.eval())[0], x)
+    h = ens_aug.TensorColourHook(seed=4)
+    state = h.state_dict()
+    first = h.transform_batch(x, None, model.train())[0]
+    h.load_state_dict(state)
+    assert torch.equal(h.transform_batch(x, None, model.train())[0], first)
+
+
 def test_backend_setup_and_throughput():
     spec, hooks = ens_aug.backend_setup("tensor", 28, 0)
-    assert spec == ens_aug.TENSOR_SPEC and hooks == []
+    assert spec == ens_aug.TENSOR_SPEC and [type(h) for h in hooks] == [ens_aug.TensorColourHook]
+    assert not {"brightness", "contrast", "erase"} & set(spec)      # colour and erasing are the hook's
     assert ens_aug.backend_setup("albumentations", 28, 0)[0] is None
     with pytest.raises(ValueError, match="augment_backend"):
         ens_aug.backend_setup("kornia", 28, 0)

@@ -231,5 +231,12 @@ def open_page(notebook: str, run_name: str = "default", results_dir: str | os.Pa
 
     Pass ``params=globals()``: a results folder holding units made with other parameters (a user
     edited the parameters cell in JupyterLab and ran all) has them set aside first, so the page's
-    tables only ever show units of the parameters it was run with."""
+    tables only ever show units of the parameters it was run with. A ``threads`` parameter (an int;
+    None or absent: torch's default) sets torch's CPU threads first: small 28 px models gain little
+    from a second thread, and lose much when the cores are shared."""
+    threads = (params or {}).get("threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
     return Page(notebook, run_name, results_dir, params)

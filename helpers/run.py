@@ -243,6 +243,9 @@ def banner(record: dict) -> str:
 
 #: An output longer than this many lines is collapsed on the page (Jupyter Book's ``hide-output``).
 LONG_OUTPUT_LINES = 40
+# Seconds a notebook's kernel may take to start. papermill's default (60 s) failed runs on a loaded
+# 2-core machine (a test run beside a long training run: "Kernel didn't respond in 60 seconds").
+KERNEL_START_TIMEOUT_S = 600
 
 
 def _output_lines(cell) -> int:
@@ -334,7 +337,8 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
     start = time.perf_counter()
     try:
         papermill.execute_notebook(str(notebook), str(partial), parameters=injected, kernel_name="python3",
-                                   cwd=str(config.repo_root()), progress_bar=False, log_output=log_output)
+                                   cwd=str(config.repo_root()), progress_bar=False, log_output=log_output,
+                                   start_timeout=KERNEL_START_TIMEOUT_S)
     except BaseException as exc:
         failed = executed.with_suffix(".failed.ipynb")
         if partial.is_file():

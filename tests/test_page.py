@@ -68,3 +68,19 @@ def test_columns_common_to_every_row_go_to_the_caption():
     assert t.caption == "Paired tests; metric: reward; last: 4"
     assert "<caption>Paired tests; metric: reward; last: 4</caption>" in t._repr_html_()
     assert list(page_mod.table(df).formatted().columns) == ["a", "metric", "last", "p"]   # only when asked
+
+
+def test_open_page_sets_torch_threads_from_a_threads_param(tmp_path):
+    import torch
+
+    from helpers.page import open_page
+
+    before = torch.get_num_threads()
+    try:
+        open_page("nb", "t", tmp_path / "r", params={"threads": 1})
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(2)
+        open_page("nb", "t", tmp_path / "r", params={"threads": None})   # None: left as it is
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

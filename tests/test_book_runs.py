@@ -41,7 +41,8 @@ def test_planned_runs_refuses_unknown_keys(tmp_path):
 
 def test_on_demand_run_without_results_gets_a_placeholder(tmp_path, capsys):
     book = _book(tmp_path, ON_DEMAND)
-    assert book_mod.execute_runs("smoke", book) == []   # nothing executed
+    # an empty published folder: this run is published in the repository (book/published/nas/nas_full)
+    assert book_mod.execute_runs("smoke", book, published=tmp_path / "published") == []   # nothing executed
     page = tmp_path / "runs" / "nas" / "nas_full.ipynb"
     assert book_mod.is_placeholder(page)
     text = nbformat.read(page, as_version=4).cells[0].source
@@ -69,7 +70,7 @@ def test_unfinished_on_demand_run_is_not_shown_as_a_result(tmp_path):
     res = tmp_path / "results" / "nas" / "nas_full"
     res.mkdir(parents=True)
     (res / "provenance.json").write_text(json.dumps({"status": "running"}))
-    book_mod.execute_runs("smoke", book)
+    book_mod.execute_runs("smoke", book, published=tmp_path / "published")   # none published
     assert book_mod.is_placeholder(tmp_path / "runs" / "nas" / "nas_full.ipynb")
 
 

@@ -61,3 +61,27 @@ def shared_data() -> Path:
     if not (path / "breastmnist.npz").is_file():
         pytest.skip(f"real MedMNIST data not found in {path}")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tiny networks: thread start-up and spinning dominate them, and a busy
+    machine's oversubscription hurts them most (restored afterwards). A module opts in with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def retina(tmp_path, make_npz, monkeypatch):
+    """A small generated RetinaMNIST (40/10/10 images, ordinal grades 0-4), with a private cache."""
+    from helpers.data import load
+
+    monkeypatch.setenv("RLMED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("RLMED_PROGRESS", "none")
+    make_npz(tmp_path / "data", "retinamnist", n=(40, 10, 10))
+    return load("retinamnist", 28, tmp_path / "data", verify=False, download=False)

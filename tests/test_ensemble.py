@@ -30,13 +30,7 @@ def _stack(n=240, k=3, classes=2, good=0, seed=0, noise=0.35) -> M.ScoreStack:
     return M.ScoreStack(tr, va, te, ytr, yva, yte, names=[f"member {i}" for i in range(k)])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These tiny networks run fastest on one thread (and a shared machine loses much with two)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks (conftest.py)
 
 
 CFG = FitConfig.from_params({"epochs": 6, "lr": 1.0e-2, "weight_decay": 0.0, "schedule": "none", "grad_clip": 1.0})

@@ -10,7 +10,9 @@ from helpers.data import MedMNIST, Split
 from helpers.experiment import train_and_test
 from helpers.results import Recorder
 from helpers.train import FitConfig
-from test_train import one_thread, separable  # noqa: F401
+from test_train import separable
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks (conftest.py)
 
 
 def dataset(test_noise: bool = False) -> MedMNIST:

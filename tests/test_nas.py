@@ -443,6 +443,13 @@ def test_val_test_sentence():
     assert "does not overstate" in report.val_test_sentence(0.80, 0.82, "x")
 
 
+def test_the_baselines_sentence_says_whether_baselines_are_beside_the_champions():
+    base = pd.DataFrame({"flag": ["organamnist", "organamnist", "pneumoniamnist"], "model": ["cnn", "resnet", "cnn"]})
+    assert "baselines page's models on organamnist (cnn, resnet)" in nas.baselines_note(base, "organamnist")
+    for empty in (base[base["flag"] == "x"], pd.DataFrame()):
+        assert "champions only" in nas.baselines_note(empty, "organamnist")
+
+
 def test_entropy_bonus_is_not_applied_to_the_faithful_strategies():
     def run(strategy, coef):
         cfg = nas.SearchConfig(space=nas.SearchSpace(), episodes=8, children_per_update=2,

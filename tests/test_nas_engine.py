@@ -55,13 +55,6 @@ def splits():
     return _synthetic(512, 0), _synthetic(256, 1)
 
 
-@pytest.fixture
-def one_thread():
-    """The plain engine on one thread: PyTorch's OpenMP threads crawl on a shared, busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _run(archs, splits, seeds, **kw):

@@ -14,14 +14,7 @@ from helpers.noise import (FaithfulCriterion, JointLabels, LinearWarmup, MaskCon
 from helpers.noise import protocol
 from helpers.config import ParamsError
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These networks are tiny: one intra-op thread avoids thread start-up and spinning costs that
-    dominate on a busy machine (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks (conftest.py)
 
 
 TINY = PolicyConfig(backbone="cnn", widths=[4], hidden=8)

@@ -51,13 +51,7 @@ def multilabel(n: int, seed: int) -> Split:
     return Split(img.clamp(max=255).to(torch.uint8), y)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is fastest and immune to a busy machine's oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks (conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,9 @@ from torch import nn
 from helpers.data import TensorLoader
 from helpers.train import FitConfig, Hook, NonFiniteLossError, fit, load_checkpoint, make_criterion
 from helpers.train import make_scheduler, predict
-from test_train import BINARY, cfg, loaders, model_for, one_thread, splits, state_equal  # noqa: F401
+from test_train import BINARY, cfg, loaders, model_for, splits, state_equal  # noqa: F401  (splits: a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")   # tiny networks (conftest.py)
 
 
 class BatchSpy(Hook):

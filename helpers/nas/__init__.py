@@ -16,9 +16,9 @@ An architecture is a list of per-layer dicts ``{"filters": 16, "kernel": 3, "dro
   reference, shared sampling, how far the controllers moved, which engine measured each child.
 """
 from ..models.nas_child import NASChild, child_flops, child_params, keep_threshold, nas_child, normalize_arch
-from .analysis import (METRICS, champion_fit_config, champions, champions_beside_baselines, compare_strategies,
-                       describe_comparison, describe_decomposition, describe_tests, paired_comparison, paired_tests,
-                       phase_table, retrain_champions, val_test_note, with_controller)
+from .analysis import (METRICS, baselines_note, champion_fit_config, champions, champions_beside_baselines,
+                       compare_strategies, describe_comparison, describe_decomposition, describe_tests,
+                       paired_comparison, paired_tests, phase_table, retrain_champions, val_test_note, with_controller)
 from .cache import ChildCache
 from .child_data import clear_data_cache
 from .children import ENGINES, PRECISIONS, train_children
@@ -42,7 +42,7 @@ __all__ = [
     "Controller", "SearchConfig", "ControllerConfig", "ChildConfig", "reward", "run_search", "make_evaluator", "search_all",
     # analysis
     "phase_table", "champions", "paired_comparison", "compare_strategies", "describe_comparison",
-    "retrain_champions", "champions_beside_baselines", "METRICS", "paired_tests", "describe_tests",
+    "retrain_champions", "champions_beside_baselines", "baselines_note", "METRICS", "paired_tests", "describe_tests",
     "describe_decomposition", "champion_fit_config", "val_test_note", "with_controller",
     # protocol
     "LIKE_FOR_LIKE", "beside_published", "updates_per_search", "reference_differences", "shared_picks",

@@ -160,8 +160,8 @@ def retrain_champions(recorder, ds, episodes: pd.DataFrame, cfg, *, batch_size: 
                       device: str = "auto") -> pd.DataFrame:
     """Retrain the champion of every (strategy, seed) with the shared ``fit`` and test it once.
 
-    Units are stored under ``<run>/champions`` (a finished one is not retrained); returns one row
-    per champion with its val and test metrics.
+    Units are stored under ``<run>/champions`` with their weights (a finished one is not retrained);
+    returns one row per champion with its val and test metrics.
     """
     from ..experiment import train_and_test
     from ..results import Recorder
@@ -170,7 +170,8 @@ def retrain_champions(recorder, ds, episodes: pd.DataFrame, cfg, *, batch_size: 
     for _, row in champions(episodes).iterrows():
         train_and_test(champ_rec, ds, "nas_child", int(row["seed"]), cfg, batch_size=batch_size,
                        model_kwargs={"arch": arch_from_key(row["arch"]), "image_size": ds.size}, device=device,
-                       unit={"strategy": row["strategy"], "seed": int(row["seed"]), "arch": row["arch"]})
+                       unit={"strategy": row["strategy"], "seed": int(row["seed"]), "arch": row["arch"]},
+                       keep_model=True)   # the summary page rebuilds each champion to test it on corrupted images
     return champ_rec.wide_metrics()
 
 
@@ -184,6 +185,16 @@ def champions_beside_baselines(champ: pd.DataFrame, baselines: pd.DataFrame, fla
         base = baselines[baselines["flag"] == flag].assign(strategy=lambda d: "baseline: " + d["model"])
         table = pd.concat([table, stats.summary_table(base, ["strategy"], cols)], ignore_index=True)
     return table
+
+
+def baselines_note(baselines: pd.DataFrame, flag: str) -> str:
+    """One sentence on the rows beside the champions: the baselines page's models on ``flag`` (a
+    yardstick trained with that page's own budget), or that no baselines run was available."""
+    if len(baselines) and "flag" in baselines and (baselines["flag"] == flag).any():
+        models = ", ".join(sorted(baselines.loc[baselines["flag"] == flag, "model"].astype(str).unique()))
+        return (f"Below the champions: the baselines page's models on {flag} ({models}), trained with that "
+                "page's own budget and training subset, so read them as a yardstick, not a matched comparison.")
+    return f"No baselines run on {flag} was available to this run, so the table shows the champions only."
 
 
 def val_test_note(champ: pd.DataFrame) -> str:

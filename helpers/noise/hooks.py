@@ -15,11 +15,14 @@ forward pass) and learns from the classifier's per-sample loss in ``on_batch_end
 
 Every epoch it logs ``rl/reward``, ``rl/baseline``, ``rl/advantage``, ``rl/entropy`` and the masks'
 ``noise/mask_mean``, ``noise/mask_std`` and ``noise/concentration`` (mean ``a + b``); ``trace``
-keeps the same per batch for the reward curves. :class:`LinearWarmup` is phase 2's linear LR warm-up.
+keeps the same per batch for the reward curves, and travels in the hook's checkpointed state (a unit
+restored from a finished checkpoint still has it). :class:`LinearWarmup` is phase 2's linear LR
+warm-up; :class:`WeightAveraging` is the reference's checkpoint weight averaging;
+:class:`UnconditionalValidation` scores phase 1's val under unconditional masks, as the reference does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -28,7 +31,8 @@ from ..rl import MovingAverageBaseline, advantages, reinforce_loss
 from ..train import Hook
 from .mask import MaskConfig, apply_mask, make_mask
 
-__all__ = ["PolicyConfig", "NoiseMaskHook", "FaithfulCriterion", "LinearWarmup", "MODES"]
+__all__ = ["PolicyConfig", "NoiseMaskHook", "FaithfulCriterion", "LinearWarmup", "WeightAveraging",
+           "UnconditionalValidation", "averaging_config", "averaging_hooks", "MODES"]
 
 MODES = ("reinforce", "faithful", "random")
 
@@ -130,16 +134,30 @@ class NoiseMaskHook(Hook):
         return out
 
     def state_dict(self) -> dict:
+        """The policy, its optimiser and baseline, and the whole per-batch ``trace`` so far (as a
+        table: ``trace_columns`` and a float64 ``trace`` tensor), so that a unit restored from a
+        finished checkpoint still has its trace and policy without training again."""
+        cols = list(self.trace[0]) if self.trace else []
+        values = torch.tensor([[row[c] for c in cols] for row in self.trace], dtype=torch.float64)
         return {"policy": self.policy.state_dict(), "steps": self.steps,
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
-                "baseline": None if self.baseline.value is None else self.baseline.value.detach().cpu()}
+                "baseline": None if self.baseline.value is None else self.baseline.value.detach().cpu(),
+                "trace_columns": cols, "trace": values.reshape(len(self.trace), len(cols))}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores the policy, optimiser, baseline and step count. The trace is a log, not a state:
+        it is replaced only by a stored trace at least as long, never rewound (``fit`` loads the
+        state of the *best* epoch at its end; the trace keeps every batch, as the history keeps
+        every epoch)."""
         self.policy.load_state_dict(state["policy"])
         self.steps = state["steps"]
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.load_state_dict(state["optimizer"])
         self.baseline.value = state["baseline"]
+        cols, values = state.get("trace_columns"), state.get("trace")
+        if cols is not None and values is not None and len(values) >= len(self.trace):
+            self.trace = [{c: (int(v) if c == "step" else float(v)) for c, v in zip(cols, row.tolist())}
+                          for row in values]
 
     # ---- faithful: the coupled loss ----------------------------------------------------------
     def _step_policy(self) -> None:
@@ -172,6 +190,124 @@ class FaithfulCriterion(nn.Module):
 
     def reduce(self, per_sample: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return per_sample.mean() * self.hook.coupled_factor()
+
+
+class WeightAveraging(Hook):
+    """Checkpoint weight averaging, as the reference's ``utils/weight_averaging.py`` (the mean of the
+    weights saved after the last three epochs of a run): the model's weights after each of the last
+    ``last`` of ``epochs`` epochs are summed (float64), and after the final epoch the model's weights
+    are replaced by their element-wise mean. Every floating-point tensor of the state dict is
+    averaged, BatchNorm's running statistics included (as the reference does); integer buffers
+    (BatchNorm's batch counter) keep the final epoch's value. ``last`` larger than ``epochs``
+    averages every epoch.
+
+    The averaged weights are the unit's final weights: there is no selection on val (the reference
+    has none either). ``fit`` keeps the weights of the best epoch on its monitor, so the unit's config
+    must monitor :attr:`MONITOR` (the epoch number, rising: the final epoch is always the best; see
+    :func:`averaging_config`); the state (the running sum) is checkpointed, so an interrupted fit
+    resumes and a finished one returns the averaged weights.
+    """
+
+    MONITOR = "avg/epoch"
+
+    def __init__(self, last: int, epochs: int):
+        if int(last) < 1 or int(epochs) < 1:
+            raise ValueError(f"weight averaging over the last {last} of {epochs} epochs: both must be >= 1")
+        self.last, self.epochs = int(last), int(epochs)
+        self.first = max(1, self.epochs - self.last + 1)
+        self.fingerprint = {"weight_averaging": self.last}
+        self._model: nn.Module | None = None
+        self._sum: dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def on_fit_start(self, model, optimizer, device) -> None:
+        self._model = model
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> dict:
+        if epoch >= self.first:
+            for k, v in self._model.state_dict().items():
+                v = v.detach().to("cpu")
+                if v.is_floating_point():
+                    self._sum[k] = self._sum.get(k, 0) + v.double()
+                else:
+                    self._sum[k] = v.clone()          # integer buffers: the latest value
+            self.n += 1
+        if epoch == self.epochs and self.n:
+            self._model.load_state_dict(self.average())
+        return {self.MONITOR: float(epoch), "avg/n_averaged": float(self.n)}
+
+    def average(self) -> dict[str, torch.Tensor]:
+        """The mean of the weights summed so far, in the model's dtypes."""
+        ref = self._model.state_dict()
+        return {k: (v / self.n).to(ref[k].dtype) if v.is_floating_point() else v.clone() for k, v in self._sum.items()}
+
+    def state_dict(self) -> dict:
+        return {"sum": dict(self._sum), "n": self.n}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._sum, self.n = dict(state["sum"]), int(state["n"])
+
+
+class UnconditionalValidation:
+    """A ``scorer`` for :func:`helpers.experiment.train_and_test` that scores a split under masks from
+    the hook's *unconditional* Beta, as the reference validates phase 1: the policy's
+    ``Beta(exp b_a, exp b_b)`` (:meth:`helpers.noise.policy.NoisePolicy.unconditional`, its running
+    averages at that moment), or the random control's fixed Beta. Masks are upsampled, blurred and
+    multiplied in as in training.
+
+    The masks are drawn from ``seed`` inside a forked RNG, so every epoch's validation sees the same
+    random draws (only the distribution moves) and the training's random stream is untouched. The
+    classification metrics and ``{prefix}/loss`` are those of :func:`helpers.train.evaluate`.
+    """
+
+    def __init__(self, hook: "NoiseMaskHook", task: str, seed: int = 0):
+        self.hook, self.task, self.seed = hook, task, int(seed)
+
+    def __repr__(self) -> str:   # enters the unit's fingerprint: no memory address
+        return f"UnconditionalValidation(mode={self.hook.mode!r}, masks={self.hook.masks!r}, seed={self.seed})"
+
+    def _cells(self, x: torch.Tensor) -> torch.Tensor:
+        src = self.hook.policy
+        dist = src.unconditional() if hasattr(src, "unconditional") else src(x[:1])   # batch shape (1, G*G)
+        cells = dist.sample((x.shape[0],)).reshape(x.shape[0], -1)
+        eps = torch.finfo(cells.dtype).eps
+        return cells.clamp(eps, 1 - eps)
+
+    def masked(self, loader):
+        """``loader``'s batches with unconditional masks applied (call inside :meth:`__call__`'s RNG)."""
+        for x, y in loader:
+            yield apply_mask(x, make_mask(self._cells(x), self.hook.masks, tuple(x.shape[-2:]))), y
+
+    def __call__(self, model: nn.Module, loader, prefix: str):
+        from ..losses import make_criterion
+        from ..train import evaluate
+
+        cuda = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        was_training = self.hook.policy.training
+        self.hook.policy.eval()
+        try:
+            with torch.random.fork_rng(devices=cuda), torch.no_grad():
+                torch.manual_seed(self.seed)
+                if cuda:
+                    torch.cuda.manual_seed_all(self.seed)
+                return evaluate(model, self.masked(loader), self.task, prefix=prefix,
+                                criterion=make_criterion(self.task), device=next(model.parameters()).device)
+        finally:
+            self.hook.policy.train(was_training)
+
+
+def averaging_config(cfg, average_last: int):
+    """``cfg`` for a fit whose final weights are :class:`WeightAveraging`'s (``average_last`` >= 1):
+    monitored on the rising epoch number, so the final (averaged) epoch is the one kept; unchanged
+    when ``average_last`` is 0 (the best epoch on val)."""
+    if not average_last:
+        return cfg
+    return replace(cfg, monitor=WeightAveraging.MONITOR, mode="max", min_delta=0.0)
+
+
+def averaging_hooks(average_last: int, epochs: int) -> list:
+    """``[WeightAveraging(average_last, epochs)]``, or no hook when ``average_last`` is 0."""
+    return [WeightAveraging(average_last, epochs)] if average_last else []
 
 
 class LinearWarmup(Hook):

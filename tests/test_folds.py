@@ -246,14 +246,6 @@ class Poison:
         raise AssertionError("a fold unit touched the test split (len)")
 
 
-@pytest.fixture
-def retina(tmp_path, make_npz, monkeypatch):
-    monkeypatch.setenv("RLMED_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("RLMED_PROGRESS", "none")
-    make_npz(tmp_path / "data", "retinamnist", n=(40, 10, 10))
-    return load("retinamnist", 28, tmp_path / "data", verify=False, download=False)
-
-
 BASE = {"epochs": 2, "monitor": "val/loss", "progress": "none", "schedule": "plateau", "patience": 1}
 
 

@@ -127,16 +127,59 @@ def config_table(arms: Mapping) -> pd.DataFrame:
 def diagnostics_view(result) -> pd.DataFrame:
     """The per-fold diagnostics table as the page shows it (readable column names, the target's metrics)."""
     metrics = [m for m, _ in result.target.metrics()]
+    extra = [f"{p}_{c}" for c in getattr(result, "columns", ())[1:] for p in ("worst", "ratio")]
     cols = ["config", "fold", "epochs_trained", "best_epoch", "stopped_early", "best_at_first", "stop_reason",
-            "lr_at_stop", "lr_drops", "gap_at_best", "val_loss_slope", *metrics, "worst_group", "group_ratio"]
+            "lr_at_stop", "lr_drops", "gap_at_best", "val_loss_slope", *metrics, "worst_group", "group_ratio",
+            *[c for c in extra if c in result.diagnostics]]
     view = result.diagnostics[cols].copy()
+    label = getattr(result, "columns", ("group",))[0]
     for c in ("stopped_early", "best_at_first"):
         view[c] = view[c].map({True: "yes", False: "no"})
     return view.rename(columns={"epochs_trained": "epochs", "best_epoch": "best", "stopped_early": "stopped early",
                                 "best_at_first": "best was epoch 1", "stop_reason": "stop reason",
                                 "lr_at_stop": "LR at stop", "lr_drops": "LR cuts", "gap_at_best": "gap at best (points)",
-                                "val_loss_slope": "val loss slope after best", "worst_group": "worst group",
-                                "group_ratio": "worst/best group error", "qwk": "QWK"})
+                                "val_loss_slope": "val loss slope after best", "worst_group": f"worst {label}",
+                                "group_ratio": f"worst-to-best {label} error", "qwk": "QWK",
+                                **{c: (f"worst {c[6:]}" if c.startswith("worst_") else f"worst-to-best {c[6:]} error")
+                                   for c in extra}})
+
+
+def subgroup_summary(result, digits: int = 3) -> pd.DataFrame:
+    """Per subgroup column (class or grade first, then the target's group columns) and group: the
+    images in it (every train image is in one fold's val once) and, per config, its error (MAE or
+    error rate) as mean ± sd over folds, with a last row per column of the worst group's error over
+    the best group's (of the means over folds; the best floored as in
+    :func:`helpers.folds.diagnostics.group_ratio`)."""
+    from ..metrics import format_mean_std
+    from .diagnostics import group_ratio
+
+    g = result.groups[result.groups["group"] != "all"]
+    if g.empty:
+        return pd.DataFrame()
+    if "column" not in g:
+        g = g.assign(column=result.target.label_column)
+    configs = [c for c in result.configs if c in set(g["config"])]
+    order = list(getattr(result, "columns", ())) or list(dict.fromkeys(g["column"]))
+    rows = []
+    for column in [c for c in order if c in set(g["column"])]:
+        sub = g[g["column"] == column]
+        groups = sorted(sub["group"].unique(), key=lambda v: (isinstance(v, str), v))
+        means = {}
+        for group in groups:
+            cell = sub[sub["group"] == group]
+            first = cell[cell["config"] == configs[0]]
+            row = {"column": column, "group": str(group), "images": int(first["n"].sum()), "metric": sub["metric"].iloc[0]}
+            for config in configs:
+                v = cell.loc[cell["config"] == config, "value"].astype(float)
+                row[config] = format_mean_std(v.mean(), v.std(ddof=1) if len(v) > 1 else math.nan, digits)
+                means.setdefault(config, []).append(v.mean())
+            rows.append(row)
+        ratio = {"column": column, "group": "worst-to-best", "images": "", "metric": sub["metric"].iloc[0]}
+        for config in configs:
+            r = group_ratio(means[config])
+            ratio[config] = f"{r:.2f}x" if np.isfinite(r) else ""
+        rows.append(ratio)
+    return pd.DataFrame(rows)
 
 
 def fold_histories(histories: pd.DataFrame, result) -> pd.DataFrame:

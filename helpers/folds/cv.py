@@ -20,12 +20,14 @@ from .. import data as data_mod
 from ..experiment import train_and_test
 from ..results import Recorder, digest
 from ..train import FitConfig
+from .groups import sample_weights, sampler_column
 from .targets import FoldProbe, Target
 
 
 @dataclasses.dataclass(frozen=True)
 class Arm:
-    """One training config of the loop: its ``fit`` group, augmentation and sampler."""
+    """One training config of the loop: its ``fit`` group, augmentation and sampler (None; ``weighted``:
+    class-balanced batches; ``group:<column>``: batches balanced over a group column's groups)."""
 
     name: str
     fit: Mapping[str, Any]
@@ -47,8 +49,9 @@ class Arm:
             raise ParamsError(f"config '{name}': unknown key(s) {sorted(unknown)}; a config has fit, augment, sampler")
         arm = cls(name, dict(spec.get("fit") or {}), dict(spec.get("augment") or {}), spec.get("sampler"))
         arm.fit_config()   # refuses unknown fit keys and bad values before any work
-        if arm.sampler not in (None, "weighted"):
-            raise ParamsError(f"config '{name}': sampler '{arm.sampler}' unknown; use null or weighted")
+        if arm.sampler not in (None, "weighted") and not sampler_column(arm.sampler):
+            raise ParamsError(f"config '{name}': sampler '{arm.sampler}' unknown; use null, weighted or "
+                              f"group:<column> (a group column of the target)")
         from ..augment import make_augment
 
         make_augment(arm.augment)
@@ -85,28 +88,39 @@ def fold_datasets(ds: data_mod.MedMNIST, k: int, seed: int, path: str | Path) ->
     return [dataclasses.replace(ds, splits={"train": train.take(tr), "val": train.take(va)}) for tr, va in splits]
 
 
+def _group_weights(arm: Arm, ds: data_mod.MedMNIST, frame: pd.DataFrame | None) -> dict:
+    """``sample_weights`` for a ``group:<column>`` sampler (balanced over the column's groups among the
+    images trained on); nothing for the other samplers."""
+    column = sampler_column(arm.sampler)
+    if column is None:
+        return {}
+    return {"sample_weights": sample_weights(frame if frame is not None else pd.DataFrame(), column,
+                                             ds["train"].index.numpy())}
+
+
 def fold_unit(recorder: Recorder, fold_ds: data_mod.MedMNIST, target: Target, arm: Arm, fold: int, *,
               model: str, seed: int, base_fit: Mapping[str, Any], batch_size: int, device: str,
-              model_kwargs: Mapping[str, Any] | None = None) -> dict:
-    """Train one fold with one config (val only, never test) and return its stored metrics."""
+              model_kwargs: Mapping[str, Any] | None = None, frame: pd.DataFrame | None = None) -> dict:
+    """Train one fold with one config (val only, never test) and return its stored metrics; ``frame``
+    holds the target's group columns (:func:`helpers.folds.groups.group_frame`) for a group sampler."""
     probe = FoldProbe(fold_ds["train"], target, fold_ds.n_classes, fold_ds.task)
     return train_and_test(recorder, fold_ds, model, seed, arm.fit_config(base_fit), batch_size=batch_size,
                           augment=arm.augment or None, sampler=arm.sampler, model_kwargs=model_kwargs,
                           device=device, hooks=(probe,), evaluate_on=("val",),
                           unit={"target": target.name, "config": arm.name, "fold": fold, "seed": seed},
-                          **target.unit_options(fold_ds.n_classes))
+                          **_group_weights(arm, fold_ds, frame), **target.unit_options(fold_ds.n_classes))
 
 
 def run_folds(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, arm: Arm, *, k: int, fold_seed: int = 0,
               model: str = "cnn", seed: int = 0, base_fit: Mapping[str, Any] | None = None, batch_size: int = 64,
               device: str = "auto", model_kwargs: Mapping[str, Any] | None = None,
-              log: Callable[[str], None] | None = None) -> pd.DataFrame:
+              log: Callable[[str], None] | None = None, frame: pd.DataFrame | None = None) -> pd.DataFrame:
     """Every fold of ``target`` with config ``arm``: one row per fold (unit keys and val metrics)."""
     folds = fold_datasets(ds, k, fold_seed, fold_file(recorder, ds, k, fold_seed))
     rows = []
     for i, fold_ds in enumerate(folds, start=1):
         metrics = fold_unit(recorder, fold_ds, target, arm, i, model=model, seed=seed, base_fit=base_fit or {},
-                            batch_size=batch_size, device=device, model_kwargs=model_kwargs)
+                            batch_size=batch_size, device=device, model_kwargs=model_kwargs, frame=frame)
         rows.append({"target": target.name, "config": arm.name, "fold": i, "seed": seed, **metrics})
         if log:
             log(f"{target.name} {arm.name} fold {i}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
@@ -116,7 +130,7 @@ def run_folds(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, arm: Ar
 
 def final_unit(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, arm: Arm, *, model: str = "cnn",
                seed: int = 0, base_fit: Mapping[str, Any] | None = None, batch_size: int = 64, device: str = "auto",
-               model_kwargs: Mapping[str, Any] | None = None) -> dict:
+               model_kwargs: Mapping[str, Any] | None = None, frame: pd.DataFrame | None = None) -> dict:
     """The chosen config trained on the official train split, its epoch selected on the official
     val split, evaluated once on the official test split."""
     probe = FoldProbe(ds["train"], target, ds.n_classes, ds.task)
@@ -124,7 +138,8 @@ def final_unit(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, arm: A
                           augment=arm.augment or None, sampler=arm.sampler, model_kwargs=model_kwargs,
                           device=device, hooks=(probe,), evaluate_on=("val", "test"),
                           unit={"target": target.name, "config": arm.name, "fold": "final", "seed": seed},
-                          **target.unit_options(ds.n_classes))
+                          keep_model=True,   # the summary page rebuilds it to test it on corrupted images
+                          **_group_weights(arm, ds, frame), **target.unit_options(ds.n_classes))
 
 
 def check_configs(before: Mapping[str, Any], extra: Mapping[str, Mapping[str, Any]] | None,

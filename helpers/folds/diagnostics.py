@@ -4,7 +4,8 @@ For each fold: epochs trained and best epoch (``stopped_early`` and ``best_at_fi
 facts: a fold whose best epoch was 1 may have trained 11 epochs behind a patience of 10), the stop
 reason and the LR at stop, the train/val gap at the best epoch (clean train pass, in points of ACC
 or R²), the slope of the val loss after the best epoch (relative to its value there, per epoch),
-the val metrics, and the per-subgroup errors (per class or grade, or any group column).
+the val metrics, and the per-subgroup errors (per class or grade, and per group column of the
+target, :mod:`helpers.folds.groups`: the worst group of each column and its error over the best's).
 """
 from __future__ import annotations
 
@@ -76,9 +77,11 @@ def _fold_units(recorder: Recorder, target: Target, config: str, variant: str | 
 
 
 def fold_table(recorder: Recorder, target: Target, config: str, cfg: FitConfig, n_classes: int,
-               variant: str | None = "any") -> pd.DataFrame:
+               variant: str | None = "any", frame: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per fold of (``target``, ``config``): the diagnostics, the val metrics and the worst
-    subgroup with its error over the best subgroup's (``group_ratio``)."""
+    class or grade with its error over the best one's (``worst_group``, ``group_ratio``); for each
+    column of ``frame`` (:func:`helpers.folds.groups.group_frame`) the same as ``worst_<column>`` and
+    ``ratio_<column>``."""
     rows = []
     for u in _fold_units(recorder, target, config, variant):
         keys, metrics = u["keys"], u["metrics"]
@@ -86,10 +89,14 @@ def fold_table(recorder: Recorder, target: Target, config: str, cfg: FitConfig, 
         row = {"target": target.name, "config": config, "fold": int(keys["fold"]), "seed": keys.get("seed")}
         row.update(diagnose_fold(history, metrics["best_epoch"], u.get("stopped_early", False), cfg, target))
         row.update({m: metrics.get(f"val/{m}", math.nan) for m, _ in target.metrics()})
-        groups = fold_group_errors(recorder, u, target, n_classes)
-        g = groups[groups["group"] != "all"]
-        row["worst_group"] = g.loc[g["value"].idxmax(), "group"] if len(g) else None
-        row["group_ratio"] = group_ratio(g["value"])
+        groups = fold_group_errors(recorder, u, target, n_classes, frame=frame)
+        row["worst_group"], row["group_ratio"] = None, math.nan
+        for column, g in groups[groups["group"] != "all"].groupby("column", sort=False):
+            worst = g.loc[g["value"].idxmax(), "group"] if len(g) else None
+            if column == target.label_column:
+                row["worst_group"], row["group_ratio"] = worst, group_ratio(g["value"])
+            else:
+                row[f"worst_{column}"], row[f"ratio_{column}"] = worst, group_ratio(g["value"])
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -102,17 +109,25 @@ def group_ratio(errors: Sequence[float], floor: float = 0.02) -> float:
     return float(e.max() / max(e.min(), floor)) if len(e) >= 2 else math.nan
 
 
-def fold_group_errors(recorder: Recorder, unit: Mapping, target: Target, n_classes: int, groups=None) -> pd.DataFrame:
-    """Per-subgroup errors of one fold unit's val predictions (:func:`helpers.folds.targets.group_errors`)."""
+def fold_group_errors(recorder: Recorder, unit: Mapping, target: Target, n_classes: int, groups=None,
+                      frame: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per-subgroup errors of one fold unit's val predictions (:func:`helpers.folds.targets.group_errors`):
+    by class or grade (or ``groups``), then by each column of ``frame`` (group per official train
+    index), stacked long with a ``column`` naming the grouping."""
     sc = recorder.scores(**unit["keys"])
-    return group_errors(sc["val_labels"], sc["val_scores"], target, n_classes, groups)
+    parts = [group_errors(sc["val_labels"], sc["val_scores"], target, n_classes, groups)]
+    for column in ([] if frame is None else frame.columns):
+        values = frame.loc[np.asarray(sc["val_index"], dtype=int), column].to_numpy()
+        parts.append(group_errors(sc["val_labels"], sc["val_scores"], target, n_classes, values, column=column))
+    return pd.concat(parts, ignore_index=True)
 
 
 def subgroup_table(recorder: Recorder, target: Target, config: str, n_classes: int,
-                   variant: str | None = "any") -> pd.DataFrame:
-    """Per-fold, per-subgroup errors of (``target``, ``config``), long format."""
-    frames = [fold_group_errors(recorder, u, target, n_classes).assign(target=target.name, config=config,
-                                                                        fold=int(u["keys"]["fold"]))
+                   variant: str | None = "any", frame: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per-fold, per-subgroup errors of (``target``, ``config``), long format (``column``, ``group``,
+    ``n``, ``value``, ``metric``): the class or grade, and every column of ``frame``."""
+    frames = [fold_group_errors(recorder, u, target, n_classes, frame=frame).assign(
+                  target=target.name, config=config, fold=int(u["keys"]["fold"]))
               for u in _fold_units(recorder, target, config, variant)]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 

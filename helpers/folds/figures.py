@@ -72,15 +72,30 @@ def metric_heatmap(table: pd.DataFrame, metrics: Sequence[tuple[str, bool]], con
 
 
 def subgroup_bars(groups: pd.DataFrame) -> plt.Figure:
-    """Per subgroup (class or grade) and config, the error (MAE or error rate): mean ± sd over folds."""
+    """Per subgroup and config, the error (MAE or error rate): mean ± sd over folds; one panel per
+    subgroup column (the true class or grade, then each group column of the target)."""
     g = groups[groups["group"] != "all"].copy()
+    if "column" not in g:
+        g["column"] = "class or grade"
     g["group"] = g["group"].astype(str)
-    fig, ax = plt.subplots(figsize=(min(TEXT_WIDTH, 0.55 * g["group"].nunique() * g["config"].nunique() + 2.5), 2.8))
-    sns.barplot(data=g, x="group", y="value", hue="config", errorbar="sd", capsize=0.15, ax=ax)
+    columns = list(dict.fromkeys(g["column"]))
+    widths = [max(g.loc[g["column"] == c, "group"].nunique(), 1) for c in columns]
+    width = min(TEXT_WIDTH, 0.55 * sum(widths) * max(g["config"].nunique(), 1) + 2.5)
+    fig, axes = plt.subplots(1, len(columns), figsize=(width, 2.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
     metric = g["metric"].iloc[0] if len(g) else "error"
-    ax.set_ylabel("MAE" if metric == "mae" else "error rate")
-    ax.set_xlabel("subgroup (true class or grade)")
-    sns.move_legend(ax, "upper left", bbox_to_anchor=(1.02, 1), title=None)
+    hue_order = list(dict.fromkeys(g["config"]))
+    for i, (ax, column) in enumerate(zip(axes[0], columns)):
+        sub = g[g["column"] == column]
+        sns.barplot(data=sub, x="group", y="value", hue="config", hue_order=hue_order, errorbar="sd", capsize=0.15,
+                    ax=ax, order=sorted(sub["group"].unique(), key=lambda v: (len(v), v)))
+        ax.set_ylabel(("MAE" if metric == "mae" else "error rate") if i == 0 else "")
+        ax.set_xlabel(column)
+        if sub["group"].str.len().max() * sub["group"].nunique() > 24:   # long names or many groups
+            ax.tick_params(axis="x", labelrotation=30, labelsize=7)
+        if i < len(columns) - 1:
+            ax.get_legend().remove()
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), title=None)
     fig.tight_layout()
     return fig
 

@@ -13,6 +13,7 @@ from ..results import Recorder
 from .compare import choose_config, paired_folds
 from .cv import Arm, final_unit, run_folds, unit_variant
 from .diagnostics import fold_table, pooled_metrics, subgroup_table
+from .groups import group_frame, sampler_column
 from .rules import apply_recommendations, config_differences, evaluate_rules
 from .targets import Target
 
@@ -24,7 +25,7 @@ class TargetResult:
     target: Target
     configs: dict                                  # name -> config dict (fit, augment, sampler)
     diagnostics: pd.DataFrame                      # one row per (config, fold)
-    groups: pd.DataFrame                           # per (config, fold, subgroup) errors
+    groups: pd.DataFrame                           # per (config, fold, column, subgroup) errors
     recommendations: pd.DataFrame                  # fired rules on the "before" run
     changes: pd.DataFrame                          # before vs after settings
     pooled: pd.DataFrame                           # out-of-fold metrics per config
@@ -33,6 +34,7 @@ class TargetResult:
     final: dict = field(default_factory=dict)      # the chosen config's val and test metrics
     n_classes: int = 0                             # classes or grades of the flag
     variants: dict = field(default_factory=dict)   # config -> the variant key of its units
+    columns: tuple = ()                            # the subgroup columns: the label's (class or grade), then the target's
 
 
 def close_loop(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, before: Mapping[str, Any], *,
@@ -48,16 +50,28 @@ def close_loop(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, before
     ``ablate`` (default ``target.ablate``): when more than one recommendation is applied, also run each
     alone (``only <rule>``), so the page can say which of them helped or hurt. Every config is compared
     with "before".
+
+    The target's group columns (``target.groups``) are cut once on ``ds``'s train split
+    (:func:`helpers.folds.groups.group_frame`); every fold and config reads its subgroups from them.
     """
+    frame = group_frame(ds["train"], target.groups) if target.groups else None
+    for name, spec in {"before": before, **dict(extra or {})}.items():   # a group sampler needs its column: refuse now
+        column = sampler_column(spec.get("sampler"))
+        if column is not None and (frame is None or column not in frame):
+            from ..config import ParamsError
+
+            raise ParamsError(f"config '{name}': sampler group:{column} names no group column of target {target.name} "
+                              f"(it has {', '.join(c.name for c in target.groups) or 'none'}). Fix: add it to the "
+                              f"target's groups, or use sampler weighted or null.")
     common = dict(model=model, model_kwargs=model_kwargs, seed=seed, batch_size=batch_size, device=device)
     before = {"fit": {**dict(base_fit), **dict(before.get("fit") or {})}, "augment": dict(before.get("augment") or {}),
               "sampler": before.get("sampler")}
     configs = {"before": before}
     arm = Arm.from_dict("before", before)
-    run_folds(recorder, ds, target, arm, k=k, fold_seed=fold_seed, log=log, **common)
+    run_folds(recorder, ds, target, arm, k=k, fold_seed=fold_seed, log=log, frame=frame, **common)
     variants = {"before": unit_variant(arm, model, model_kwargs)}
-    table = fold_table(recorder, target, "before", arm.fit_config(), ds.n_classes, variants["before"])
-    groups = subgroup_table(recorder, target, "before", ds.n_classes, variants["before"])
+    table = fold_table(recorder, target, "before", arm.fit_config(), ds.n_classes, variants["before"], frame)
+    groups = subgroup_table(recorder, target, "before", ds.n_classes, variants["before"], frame)
     recs = evaluate_rules(table, groups, headline=target.headline()[0])
     after = apply_recommendations(before, recs)
     changes = config_differences(before, after)
@@ -80,9 +94,9 @@ def close_loop(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, before
             continue
         arm = Arm.from_dict(name, spec)
         variants[name] = unit_variant(arm, model, model_kwargs)
-        run_folds(recorder, ds, target, arm, k=k, fold_seed=fold_seed, log=log, **common)
-        tables.append(fold_table(recorder, target, name, arm.fit_config(), ds.n_classes, variants[name]))
-        group_tables.append(subgroup_table(recorder, target, name, ds.n_classes, variants[name]))
+        run_folds(recorder, ds, target, arm, k=k, fold_seed=fold_seed, log=log, frame=frame, **common)
+        tables.append(fold_table(recorder, target, name, arm.fit_config(), ds.n_classes, variants[name], frame))
+        group_tables.append(subgroup_table(recorder, target, name, ds.n_classes, variants[name], frame))
     diagnostics = pd.concat(tables, ignore_index=True)
     pooled = pd.DataFrame([{"target": target.name, "config": name,
                             **pooled_metrics(recorder, target, name, ds.n_classes, ds.task, variants[name])}
@@ -90,6 +104,7 @@ def close_loop(recorder: Recorder, ds: data_mod.MedMNIST, target: Target, before
     tests = pd.concat([paired_folds(diagnostics, target, a=name) for name in configs if name != "before"]
                       or [pd.DataFrame()], ignore_index=True)
     chosen = choose_config(diagnostics, target, list(configs))
-    final = final_unit(recorder, ds, target, Arm.from_dict(chosen, configs[chosen]), **common)
+    final = final_unit(recorder, ds, target, Arm.from_dict(chosen, configs[chosen]), frame=frame, **common)
     return TargetResult(target, configs, diagnostics, pd.concat(group_tables, ignore_index=True), recs, changes,
-                        pooled, tests, chosen, final, ds.n_classes, variants)
+                        pooled, tests, chosen, final, ds.n_classes, variants,
+                        (target.label_column, *(c.name for c in target.groups)))

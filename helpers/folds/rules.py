@@ -63,8 +63,19 @@ def _overfit(row: Mapping, t: Mapping) -> bool:
     return _gt(row["gap_at_best"], t["points"])
 
 
+#: The names of the label's own subgroup column (``group_errors``' default); any other is a group column.
+LABEL_COLUMNS = ("class", "grade")
+
+
+def _label_groups(groups: pd.DataFrame | None) -> pd.DataFrame | None:
+    if groups is None or groups.empty or "column" not in groups:
+        return groups
+    return groups[groups["column"].isin(LABEL_COLUMNS)]
+
+
 def _subgroup(table: pd.DataFrame, groups: pd.DataFrame, t: Mapping) -> tuple[bool, str, list[int]]:
-    """Pooled over folds: the worst subgroup's mean error over the best one's."""
+    """Pooled over folds: the worst class's (or grade's) mean error over the best one's."""
+    groups = _label_groups(groups)
     if groups is None or groups.empty:
         return False, "", []
     g = groups[groups["group"] != "all"].groupby("group")["value"].mean()
@@ -77,6 +88,32 @@ def _subgroup(table: pd.DataFrame, groups: pd.DataFrame, t: Mapping) -> tuple[bo
     evidence = (f"group {worst} {metric.upper() if metric == 'mae' else metric} {g.max():.3f} is {ratio:.1f}x "
                 f"group {best}'s {g.min():.3f} (mean over folds)")
     return ratio >= t["ratio"], evidence, folds
+
+
+def _group_column(table: pd.DataFrame, groups: pd.DataFrame, t: Mapping) -> tuple[bool, str, list[int], dict]:
+    """Per group column (not the label's): the worst group's mean error over folds against the best
+    one's; fires for the column with the largest ratio at or above ``ratio``. The folds are those
+    whose own worst/best ratio in that column reaches it; ``{column}`` fills the rule's changes."""
+    if groups is None or groups.empty or "column" not in groups:
+        return False, "", [], {}
+    g = groups[~groups["column"].isin(LABEL_COLUMNS) & (groups["group"] != "all")]
+    best = None
+    for column, sub in g.groupby("column", sort=True):
+        means = sub.groupby("group")["value"].mean()
+        if len(means) < 2:
+            continue
+        ratio = float(means.max() / max(means.min(), t["floor"]))
+        if best is None or ratio > best[1]:
+            best = (column, ratio, means, sub)
+    if best is None or best[1] < t["ratio"]:
+        return False, "", [], {}
+    column, ratio, means, sub = best
+    per_fold = sub.groupby("fold")["value"].agg(lambda v: float(v.max() / max(v.min(), t["floor"])) if len(v) > 1 else 0.0)
+    folds = sorted(int(f) for f, r in per_fold.items() if r >= t["ratio"])
+    metric = sub["metric"].iloc[0]
+    evidence = (f"column {column}: group {means.idxmax()} {metric.upper() if metric == 'mae' else metric} "
+                f"{means.max():.3f} is {ratio:.1f}x group {means.idxmin()}'s {means.min():.3f} (mean over folds)")
+    return True, evidence, folds, {"column": column}
 
 
 def _spread(table: pd.DataFrame, groups: pd.DataFrame, t: Mapping, metric: str) -> tuple[bool, str, list[int]]:
@@ -99,7 +136,7 @@ def _lt(v, limit) -> bool:
 CHECKS: dict[str, Callable] = {"lr_too_high": _lr_too_high, "stopped_before_floor": _stopped_before_floor,
                                "stopped_while_improving": _stopped_while_improving,
                                "still_improving_at_end": _still_improving_at_end, "overfit": _overfit,
-                               "subgroup": _subgroup, "spread": _spread}
+                               "subgroup": _subgroup, "group_column": _group_column, "spread": _spread}
 
 RULES: tuple[Rule, ...] = (
     Rule("lr_too_high", "fold", "lr_too_high",
@@ -129,13 +166,19 @@ RULES: tuple[Rule, ...] = (
          "the worst subgroup's error is at least {ratio:.1f}x the best subgroup's (best floored at {floor:.2f})",
          {"ratio": 4.0, "floor": 0.02}, "reweight or resample the subgroups (class-balanced batches)",
          (("sampler", "set", "weighted"),)),
+    Rule("group_column", "run", "group_column",
+         "in a group column beyond the class or grade (e.g. brightness, site), the worst group's error is at least "
+         "{ratio:.1f}x the best group's (best floored at {floor:.2f})", {"ratio": 4.0, "floor": 0.02},
+         "reweight or resample that column's groups (batches balanced over its groups)",
+         (("sampler", "set", "group:{column}"),)),
     Rule("spread", "run", "spread",
          "the headline metric's sd over folds is above {default:.2f} (R²: {r2:.2f})", {"default": 0.05, "r2": 0.10},
          "more data per fold or fewer folds (not applied here: it would change the folds, so before and "
          "after could no longer be paired)"),
 )
 #: Rules that pull the same setting in opposite directions: only the one with more folds is applied.
-OPPOSED = (("lr_too_high", "underfit"),)
+#: (Both subgroup rules set the sampler: one sampler only, the label's on a tie.)
+OPPOSED = (("lr_too_high", "underfit"), ("subgroup", "group_column"))
 
 
 def rules_table(rules: Sequence[Rule] = RULES) -> pd.DataFrame:
@@ -150,6 +193,8 @@ def rules_table(rules: Sequence[Rule] = RULES) -> pd.DataFrame:
 def describe_changes(changes: Sequence) -> str:
     parts = []
     for path, op, value in changes:
+        if isinstance(value, str):
+            value = value.replace("{column}", "<column>")
         parts.append(f"{path} x {value:g}" if op == "scale" else f"{path} = {value}" if op == "set"
                      else f"{path} += {value}")
     return "; ".join(parts)
@@ -197,14 +242,18 @@ def evaluate_rules(table: pd.DataFrame, groups: pd.DataFrame | None = None, *, h
             if excluded & set(met[rule.name]):
                 evidence += (f"; folds {', '.join(map(str, sorted(excluded & set(met[rule.name]))))} also met it but "
                              f"their evidence points at {', '.join(rule.not_with)}")
-        else:
+        changes = list(rule.changes)
+        if rule.scope == "run":
             extra = (headline,) if rule.check == "spread" else ()
-            fired, evidence, folds = CHECKS[rule.check](table, groups, rule.thresholds, *extra)
+            fired, evidence, folds, *fields = CHECKS[rule.check](table, groups, rule.thresholds, *extra)
             if not fired:
                 continue
             evidence = f"{rule.describe()}: {evidence}"
+            if fields:   # a run check may name what its changes act on (e.g. the group column)
+                changes = [(path, op, value.format(**fields[0]) if isinstance(value, str) else value)
+                           for path, op, value in changes]
         rows.append({"rule": rule.name, "folds": folds, "n_folds": len(folds), "of": k, "evidence": evidence,
-                     "advice": rule.advice, "changes": list(rule.changes), "applied": bool(rule.changes)})
+                     "advice": rule.advice, "changes": changes, "applied": bool(changes)})
     out = pd.DataFrame(rows, columns=["rule", "folds", "n_folds", "of", "evidence", "advice", "changes", "applied"])
     for a, b in OPPOSED:
         both = out[out["rule"].isin([a, b])]

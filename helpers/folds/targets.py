@@ -90,17 +90,19 @@ class Target:
     kind: str = "classification"
     loss: str = "mse"                   # regression only: mse | l1
     ablate: bool = False                # also run each applied recommendation alone (when several are)
+    groups: tuple = ()                  # subgroup columns beyond the class or grade (helpers.folds.groups)
 
     @classmethod
     def from_params(cls, spec: Mapping[str, Any]) -> "Target":
         """A target from a params mapping; an unknown key or kind names the fix."""
         from ..config import ParamsError
+        from .groups import parse_groups
 
-        unknown = set(spec) - {"flag", "kind", "loss", "ablate"}
+        unknown = set(spec) - {"flag", "kind", "loss", "ablate", "groups"}
         if unknown or "flag" not in spec:
-            raise ParamsError(f"target {dict(spec)}: keys are flag (required), kind, loss, ablate; "
+            raise ParamsError(f"target {dict(spec)}: keys are flag (required), kind, loss, ablate, groups; "
                               f"unknown: {sorted(unknown)}")
-        target = cls(**spec)
+        target = cls(**{**spec, "groups": parse_groups(spec.get("groups"), f"target {spec['flag']}: groups")})
         if target.kind not in KINDS:
             raise ParamsError(f"target {target.flag}: kind '{target.kind}' unknown; use {' or '.join(KINDS)}")
         if target.loss not in ("mse", "l1"):
@@ -133,6 +135,11 @@ class Target:
 
     def metrics(self) -> tuple[tuple[str, bool], ...]:
         return HEADLINE[self.kind]
+
+    @property
+    def label_column(self) -> str:
+        """The name of the label's own subgroup column: ``grade`` (regression) or ``class``."""
+        return "grade" if self.regression else "class"
 
     def unit_options(self, n_classes: int) -> dict:
         """The keyword arguments of :func:`helpers.experiment.train_and_test` for this target."""
@@ -172,9 +179,10 @@ class FoldProbe(Hook):
         return {**out, **{k: v for k, v in metrics.items() if k.split("/")[1] in ("loss", "acc", "auc", "mae", "r2")}}
 
 
-def group_errors(y_true, pred, target: Target, n_classes: int, groups=None) -> "pd.DataFrame":
+def group_errors(y_true, pred, target: Target, n_classes: int, groups=None, column: str | None = None) -> "pd.DataFrame":
     """Per subgroup (by default the true class or grade; else ``groups``) the count and the error:
-    MAE for a regression target, error rate (1 - accuracy) for classification; plus the ``all`` row."""
+    MAE for a regression target, error rate (1 - accuracy) for classification; plus the ``all`` row.
+    ``column`` names the grouping (default the target's label column, ``class`` or ``grade``)."""
     import pandas as pd
 
     y_true = np.asarray(y_true).reshape(-1)
@@ -192,7 +200,7 @@ def group_errors(y_true, pred, target: Target, n_classes: int, groups=None) -> "
     table = pd.concat([table.astype({"group": object}),
                        pd.DataFrame({"group": ["all"], "n": [len(df)], "value": [float(df["err"].mean())]})],
                       ignore_index=True)
-    return table.assign(metric=metric)
+    return table.assign(metric=metric, column=column or target.label_column)
 
 
 def classification_summary(y_true, scores, task: str) -> dict:

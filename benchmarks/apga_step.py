@@ -2,9 +2,12 @@
 
 Each method trains the same classifier (``cnn``) on the same batches of real MedMNIST images with
 ``helpers.train.train_one_epoch``: ``clean`` is the loop alone (one update per batch); the others
-add their hook from :mod:`helpers.apga.hooks` (a second update per batch, and the agent's forward,
-erased forward and REINFORCE step for APGA). Methods run interleaved in ``--rounds`` blocks so
-that other jobs on a shared machine slow them alike. Prints ms per batch and the ratio to clean.
+add their hook from :mod:`helpers.apga.hooks` (a second update per batch, and for APGA
+``agent_steps`` rounds of the agent's forward, erased forward and REINFORCE step; the faithful
+variant takes the reference's one round, :data:`helpers.apga.protocol.REFERENCE_APGA`). Methods
+run interleaved in ``--rounds`` blocks so that other jobs on a shared machine slow them alike.
+Prints ms per batch and the ratio to clean. On a loaded machine, ``OMP_NUM_THREADS=1`` gives
+steadier numbers (OpenMP threads that wait on each other slow the many small ops of the agent).
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/apga_step.py              # 28 px, unet_small
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/apga_step.py --size 64    # smp_unet (VGG11)
@@ -26,6 +29,7 @@ from benchmarks.common import device_name, loadavg, sync  # noqa: E402
 from helpers import data as data_mod  # noqa: E402
 from helpers.apga.hooks import APGAHook, CutoutHook, EndToEndHook, GradCAMHook, RepeatHook  # noqa: E402
 from helpers.apga.masks import fill_value  # noqa: E402
+from helpers.apga.protocol import REFERENCE_APGA  # noqa: E402
 from helpers.losses import make_criterion  # noqa: E402
 from helpers.models import create_model  # noqa: E402
 from helpers.repro import resolve_device  # noqa: E402
@@ -34,7 +38,7 @@ from helpers.train import train_one_epoch  # noqa: E402
 METHODS = ("clean", "repeat", "cutout", "gradcam", "end2end", "apga", "apga_faithful")
 
 
-def make(method: str, task: str, agent_name: str, agent_kwargs: dict, baseline):
+def make(method: str, task: str, agent_name: str, agent_kwargs: dict, baseline, agent_steps: int = 16):
     fill = fill_value()
     if method == "clean":
         return None
@@ -47,7 +51,9 @@ def make(method: str, task: str, agent_name: str, agent_kwargs: dict, baseline):
     agent = create_model(agent_name, 1, 1, **agent_kwargs)
     if method == "end2end":
         return EndToEndHook(task, agent, fill)
-    return APGAHook(task, agent, fill, faithful=method == "apga_faithful")
+    if method == "apga_faithful":
+        return APGAHook(task, agent, fill, faithful=True, **REFERENCE_APGA)
+    return APGAHook(task, agent, fill, agent_steps=agent_steps)
 
 
 def main(argv=None) -> None:
@@ -57,6 +63,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--batches", type=int, default=4, help="timed batches per method and round")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--agent-steps", type=int, default=16, help="agent updates per batch of the default APGA")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
 
@@ -68,7 +75,7 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}, "
           f"device {device_name(device)}, load {loadavg()}")
     print(f"{args.flag} {args.size} px, batch {args.batch_size}, {args.batches} batches x {args.rounds} rounds, "
-          f"classifier cnn, agent {agent_name}")
+          f"classifier cnn, agent {agent_name}, apga agent_steps {args.agent_steps}")
     criterion = make_criterion(ds.task)
     baseline = create_model("cnn", ds.n_classes, ds.n_channels)
     times = {m: [] for m in METHODS}
@@ -77,7 +84,7 @@ def main(argv=None) -> None:
             torch.manual_seed(0)
             model = create_model("cnn", ds.n_classes, ds.n_channels).to(device)
             opt = torch.optim.AdamW(model.parameters(), 1e-4)
-            hook = make(method, ds.task, agent_name, agent_kwargs, baseline)
+            hook = make(method, ds.task, agent_name, agent_kwargs, baseline, args.agent_steps)
             hooks = [hook] if hook is not None else []
             for h in hooks:
                 h.on_fit_start(model, opt, device)

@@ -13,24 +13,8 @@ from helpers.apga.protocol import check_protocol, comparisons, outcome, outcome_
 from helpers.config import ParamsError
 from helpers.models import create_model, is_dense
 from helpers.train import FitConfig, fit
-
-
-def _toy_ds(n_per_class=(30, 12), size=16, seed=0) -> data_mod.MedMNIST:
-    """A binary set whose label is carried by a bright square (class 1) on a noisy background."""
-    g = torch.Generator().manual_seed(seed)
-    splits = {}
-    for name, scale in (("train", 1), ("val", 1), ("test", 1)):
-        imgs, labels = [], []
-        for c, n in enumerate(n_per_class):
-            for _ in range(n * scale):
-                img = (torch.rand(1, size, size, generator=g) * 60).to(torch.uint8)
-                if c == 1:
-                    r, s = torch.randint(0, size - 5, (2,), generator=g).tolist()
-                    img[:, r:r + 5, s:s + 5] = 250
-                imgs.append(img)
-                labels.append(c)
-        splits[name] = data_mod.Split(torch.stack(imgs), torch.tensor(labels))
-    return data_mod.MedMNIST("toy", size, "binary-class", 1, {"0": "no square", "1": "square"}, splits)
+from toys import square_ds as _toy_ds
+from toys import train_plain
 
 
 # ---- k-shot ----------------------------------------------------------------------------------
@@ -130,14 +114,7 @@ def test_reward_sign_erasing_what_matters_is_positive():
 def test_gradcam_of_a_toy_model_lights_up_the_label_region():
     torch.manual_seed(0)
     ds = _toy_ds((60, 60), size=16)
-    model = create_model("cnn", 2, 1, widths=(8, 16))
-    loader = data_mod.TensorLoader(ds["train"], 30, shuffle=True, seed=0)
-    opt = torch.optim.Adam(model.parameters(), 3e-3)
-    for _ in range(15):
-        for xb, yb in loader:
-            opt.zero_grad()
-            nn.functional.cross_entropy(model(xb), yb).backward()
-            opt.step()
+    model = train_plain(create_model("cnn", 2, 1, widths=(8, 16)), ds["train"], epochs=15, batch_size=30)
     split = ds["val"]
     pos = split.labels == 1
     x = split.images[pos].float().div(255).sub(0.5).div(0.5)
@@ -180,7 +157,7 @@ def test_apga_hook_runs_in_fit_logs_rl_and_keeps_the_best_agent(faithful):
     torch.manual_seed(0)
     agent = create_model("unet_small", 1, 1, widths=(4, 8))
     probe = (torch.randn(3, 1, 16, 16), torch.tensor([0, 1, 1]))
-    hook = APGAHook("binary-class", agent, fill_value(), faithful=faithful, probe=probe)
+    hook = APGAHook("binary-class", agent, fill_value(), faithful=faithful, probe=probe, agent_steps=2)
     before = {k: v.clone() for k, v in agent.state_dict().items()}
     res = _fit_with(hook, epochs=3)
     h = res.history
@@ -199,7 +176,7 @@ def test_every_hook_takes_exactly_one_extra_update_per_batch():
     for hook in (RepeatHook("binary-class"), CutoutHook("binary-class", -1.0, seed=0),
                  EndToEndHook("binary-class", create_model("unet_small", 1, 1, widths=(4, 8)), -1.0),
                  GradCAMHook("binary-class", create_model("cnn", 2, 1, widths=(8, 16)), -1.0),
-                 APGAHook("binary-class", create_model("unet_small", 1, 1, widths=(4, 8)), -1.0)):
+                 APGAHook("binary-class", create_model("unet_small", 1, 1, widths=(4, 8)), -1.0, agent_steps=2)):
         steps = []
         original = hook.classifier_step
 

@@ -10,22 +10,30 @@ batch, the same schedule and the same validation looks):
   map marks (> threshold) kept.
 * :class:`EndToEndHook`: a mask network trained jointly by backprop: a step on ``x * p`` (soft mask).
 * :class:`APGAHook`: the agent. Per batch, in order: (1) the loop's clean step; (2) the agent's
-  mask erases pixels; (3) reward = loss on the erased images - loss on the clean images, per image,
-  with a moving-average baseline; (4) REINFORCE on the agent's actions; (5) a step on the
-  inverse-masked images (only the erased pixels kept). By default both reward losses are taken
-  before the clean update in train mode and actions are sampled; ``faithful=True`` is the
-  reference: greedy ``p > 0.5`` actions and the erased loss taken after the clean update in eval
-  mode (the clean loss before it, in train mode).
+  mask erases pixels; (3) reward = loss on the erased images - loss on the clean images, per image
+  (less ``area_cost`` times the erased share), with a moving-average baseline; (4) REINFORCE on
+  the agent's actions, steps (2)-(4) repeated ``agent_steps`` times on fresh masks; (5) a step on
+  the inverse-masked images (only the erased pixels of the last mask kept). By default both reward
+  losses are taken before the clean update in train mode and actions are sampled;
+  ``faithful=True`` is the reference: greedy ``p > 0.5`` actions and the erased loss taken after
+  the clean update in eval mode (the clean loss before it, in train mode). The agent's other
+  settings (:class:`APGAHook`) have sound defaults; the reference's values are
+  :data:`helpers.apga.protocol.REFERENCE_APGA`.
 
 The extra steps use the loop's optimiser (and so its learning rate); they are taken in float32
-without the loop's gradient clipping. Each hook logs its own metrics per epoch, keeps its state
-(agent weights, optimiser, baseline, random generator) in ``state_dict`` so that ``fit`` restores
-the state of the best epoch, and gives ``unit_arrays`` (its masks of fixed probe images, stored
-with the unit) for the page's gallery.
+without the loop's gradient clipping. Their train-mode passes on masked images also move the
+classifier's BatchNorm running statistics; the protocol re-estimates those on the clean training
+images before every evaluation (:mod:`helpers.apga.batchnorm`), for every method alike.
+
+Each hook logs its own metrics per epoch, keeps its state (agent weights, optimiser, baseline,
+random generator) in ``state_dict`` so that ``fit`` restores the state of the best epoch, and
+gives ``unit_arrays`` (its masks of fixed probe images, stored with the unit) for the page's
+gallery.
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import numpy as np
@@ -35,9 +43,9 @@ from torch.nn import functional as F
 
 from ..augment import erase_masks
 from ..losses import make_criterion
-from ..rl import MovingAverageBaseline, rl_metrics
+from ..rl import MovingAverageBaseline, advantages, rl_metrics
 from ..train import Hook
-from .agent import agent_loss, sample_mask
+from .agent import agent_loss, cell_logits, sample_mask, to_pixels
 from .gradcam import gradcam_maps
 from .masks import erase, keep_only
 
@@ -249,40 +257,97 @@ class APGAHook(SecondStepHook):
         task: the dataset's task (for the per-image cross-entropy).
         agent: a dense registry model, one logit per pixel: ``p = sigmoid`` = probability to erase.
         fill: the normalised value of an erased pixel (:func:`helpers.apga.masks.fill_value`).
-        faithful: the reference's greedy ``p > 0.5`` actions and its mixed-mode reward.
+        faithful: the reference's greedy ``p > 0.5`` actions and its mixed-mode reward (the erased
+            loss after the clean update in eval mode, the clean loss before it in train mode).
         lr: the agent's Adam learning rate.
-        pg_coef, erase_coef, keep_coef, entropy_coef: :func:`helpers.apga.agent.agent_loss`.
+        pg_coef, erase_coef, keep_coef, entropy_coef: :func:`helpers.apga.agent.agent_loss`. The
+            reference's area penalties act on p directly, with weights (0.1 and 0.01) that the
+            policy gradient's (100) swamps: on their own they do not keep the agent from erasing
+            everything, which raises the loss most (see ``area_cost``).
+        area_cost: the price of erasing, in nats per whole image: the agent's reward is the loss
+            gain minus ``area_cost`` times the share of the image erased, so it erases a region
+            only where that raises the classifier's loss by more than the region's price (0: the
+            reference's reward, the loss gain alone).
         baseline_decay: the moving-average baseline's decay (the reference's 0.5).
+        agent_steps: agent updates per batch (the reference: 1). Each samples a fresh mask of the
+            same images and is scored by the same classifier before (faithful: after) its update,
+            so the agent learns ``agent_steps`` times as often as the classifier at the cost of one
+            agent forward-backward and one classifier forward each; the last mask is the one the
+            inverse-masked step uses. k-shot sets have few batches (k = 10 with batch 25: one per
+            epoch), and one update per batch leaves the agent where it started. The agent's
+            steps dominate an APGA batch's cost (the U-Net's forward-backward at full resolution
+            costs more than the small classifier's step); ``benchmarks/apga_step.py`` prints it.
+        normalize_advantage: standardise the advantages over the batch, ``(A - mean) / std``
+            (:func:`helpers.rl.advantages`). The batch mean then acts as the baseline (the moving
+            average is still kept and logged), and the step no longer scales with the size of the
+            loss changes, which shrink as the classifier learns. The reference: off.
+        init_erase_p: the agent's erase probability at the start, through a constant logit offset
+            ``log(p / (1 - p))`` added to its output (the agent's own bias can learn it away). At
+            0.5 (the reference) the first masks erase half of every image and the inverse-masked
+            step keeps the other half; a small value starts from erased images that are nearly
+            clean and inverse-masked ones that keep little, and lets the area price and the reward
+            decide where the mask grows.
+        mask_cell: the side in pixels of the cells the agent acts on (:mod:`helpers.apga.agent`):
+            one Bernoulli action per cell, the mean of the cell's logits; 1 (the reference) acts
+            per pixel.
         inverse_step: take step (5), the classifier update on the inverse-masked images.
         probe: ``(images, labels)`` whose erase probabilities at the best epoch ``unit_arrays`` gives.
+
+    Per agent update the hook records ``TRACE`` (mean reward, loss gain, baseline, entropy, erased
+    area and mean erase probability); ``unit_arrays`` stores the whole run's record as ``agent_trace``.
     """
 
     name = "apga"
+    DEFAULT_AGENT_STEPS = 16
+    #: The columns of the per-update record (``unit_arrays()["agent_trace"]``).
+    TRACE = ("reward", "loss_gain", "baseline", "entropy", "erase_area", "p_mean")
 
-    def __init__(self, task: str, agent: nn.Module, fill: float, *, faithful: bool = False, lr: float = 1e-4,
+    def __init__(self, task: str, agent: nn.Module, fill: float, *, faithful: bool = False, lr: float = 3e-3,
                  pg_coef: float = 100.0, erase_coef: float = 0.1, keep_coef: float = 0.01,
-                 entropy_coef: float = 0.0, baseline_decay: float = 0.5, inverse_step: bool = True, probe=None):
+                 entropy_coef: float = 0.0, area_cost: float = 1.0, baseline_decay: float = 0.5,
+                 agent_steps: int = DEFAULT_AGENT_STEPS,
+                 normalize_advantage: bool = True, init_erase_p: float = 0.2, mask_cell: int = 4,
+                 inverse_step: bool = True, probe=None):
         super().__init__(task, probe)
+        if int(agent_steps) < 1:
+            raise ValueError(f"agent_steps={agent_steps}: give at least 1 agent update per batch")
+        if not 0.0 < init_erase_p < 1.0:
+            raise ValueError(f"init_erase_p={init_erase_p}: give a probability strictly between 0 and 1")
         self.agent, self.fill, self.faithful, self.lr = agent, fill, faithful, lr
         self.coefs = {"pg_coef": pg_coef, "erase_coef": erase_coef, "keep_coef": keep_coef,
                       "entropy_coef": entropy_coef}
+        self.area_cost = float(area_cost)
         self.baseline = MovingAverageBaseline(baseline_decay)
+        self.agent_steps, self.normalize_advantage = int(agent_steps), bool(normalize_advantage)
+        self.init_erase_p = float(init_erase_p)
+        if int(mask_cell) < 1:
+            raise ValueError(f"mask_cell={mask_cell}: give a cell side of at least 1 pixel")
+        self.mask_cell = int(mask_cell)
+        self.offset = math.log(self.init_erase_p / (1.0 - self.init_erase_p))
         self.inverse_step = inverse_step
         self.opt = torch.optim.Adam(self.agent.parameters(), lr=lr)
+        self.trace: list[tuple[float, ...]] = []
         self._pending: tuple | None = None
 
     def settings(self) -> dict:
         return {"fill": self.fill, "faithful": self.faithful, "lr": self.lr, **self.coefs,
-                "baseline_decay": self.baseline.decay, "inverse_step": self.inverse_step,
-                "agent": type(self.agent).__name__}
+                "area_cost": self.area_cost, "baseline_decay": self.baseline.decay, "agent_steps": self.agent_steps,
+                "normalize_advantage": self.normalize_advantage, "init_erase_p": self.init_erase_p,
+                "mask_cell": self.mask_cell, "inverse_step": self.inverse_step, "agent": type(self.agent).__name__}
 
     def on_fit_start(self, model, optimizer, device) -> None:
         super().on_fit_start(model, optimizer, device)
         self.agent.to(self.device).train()
         _to_device_state(self.opt, self.device)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The policy's erase logits of ``x``, one per cell of ``mask_cell`` pixels (the agent's output
+        plus the ``init_erase_p`` offset, averaged over each cell), float32 ``(B, 1, h, w)``."""
+        return cell_logits(self.agent(x).float() + self.offset, self.mask_cell)
+
     def erased_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """Per-image loss of ``model`` on ``x`` with the ``action`` pixels erased, in ``model``'s current mode."""
+        """Per-image loss of ``model`` on ``x`` with the ``action`` pixels erased, in ``model``'s current
+        mode (no gradient)."""
         with torch.no_grad():
             return self.criterion(model(erase(x, action, self.fill)).float(), y)
 
@@ -290,45 +355,56 @@ class APGAHook(SecondStepHook):
                      entropy: torch.Tensor) -> dict:
         """Steps (3)-(4): baseline, advantage, REINFORCE step of the agent; returns the logged values."""
         baseline = self.baseline.update(reward)
-        advantage = reward - baseline
+        advantage = advantages(reward, baseline, normalize=self.normalize_advantage)
         loss = agent_loss(logits, log_prob, advantage, entropy=entropy, **self.coefs)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return rl_metrics(reward, baseline, advantage, entropy)
 
+    def agent_steps_on(self, x: torch.Tensor, y: torch.Tensor, clean: torch.Tensor, model: nn.Module) -> torch.Tensor:
+        """``agent_steps`` agent updates on the batch ``x`` against the per-image ``clean`` losses, each
+        on a fresh mask scored by ``model`` in its current mode; returns the last mask (no gradient)."""
+        action = None
+        for _ in range(self.agent_steps):
+            z = self.logits(x)
+            cells, log_prob, entropy = sample_mask(z, greedy=self.faithful)
+            action = to_pixels(cells, self.mask_cell, x.shape[-2:])
+            gain = self.erased_loss(model, x, y, action) - clean
+            reward = gain - self.area_cost * action.flatten(1).mean(1) if self.area_cost else gain
+            self._log(self.agent_update(reward, z, log_prob, entropy), z, action, gain)
+        return action
+
     def on_batch_end(self, x, y, logits, loss_per_sample) -> None:
-        z = self.agent(x).float()
-        action, log_prob, entropy = sample_mask(z, greedy=self.faithful)
         clean = loss_per_sample.detach().float()
-        self._pending = (z, action, log_prob, entropy, clean)
-        if not self.faithful:   # both losses before the clean update, both in train mode
-            logs = self.agent_update(self.erased_loss(self.model, x, y, action) - clean, z, log_prob, entropy)
-            self._log(logs, z, action)
+        # sound: both losses before the clean update, both in train mode
+        action = None if self.faithful else self.agent_steps_on(x, y, clean, self.model)
+        self._pending = (action, clean)
 
     def after_step(self, x, y, model, optimizer) -> None:
         if self._pending is None:
             raise RuntimeError("APGAHook.after_step without on_batch_end: the hook must be given to fit's hooks")
-        z, action, log_prob, entropy, clean = self._pending
+        action, clean = self._pending
         self._pending = None
         if self.faithful:       # the reference: erased loss after the clean update, in eval mode
             was = model.training
             model.eval()
-            adv = self.erased_loss(model, x, y, action)
+            action = self.agent_steps_on(x, y, clean, model)
             model.train(was)
-            self._log(self.agent_update(adv - clean, z, log_prob, entropy), z, action)
         if self.inverse_step:
             loss = self.classifier_step(keep_only(x, action, self.fill), y, model, optimizer)
             self.means.add(**{"apga/inverse_loss": loss})
 
-    def _log(self, logs: dict, z: torch.Tensor, action: torch.Tensor) -> None:
-        self.means.add(**logs, **{"apga/erase_area": float(action.mean()),
-                                  "apga/p_mean": float(torch.sigmoid(z.detach()).mean())})
+    def _log(self, logs: dict, z: torch.Tensor, action: torch.Tensor, gain: torch.Tensor) -> None:
+        area, p_mean, gain = float(action.mean()), float(torch.sigmoid(z.detach()).mean()), float(gain.mean())
+        self.means.add(**logs, **{"apga/loss_gain": gain, "apga/erase_area": area, "apga/p_mean": p_mean})
+        self.trace.append((logs["rl/reward"], gain, logs["rl/baseline"], logs["rl/entropy"], area, p_mean))
 
     def state_dict(self) -> dict:
         value = self.baseline.value
         return {"agent": self.agent.state_dict(), "opt": self.opt.state_dict(),
-                "baseline": None if value is None else float(value)}
+                "baseline": None if value is None else float(value),
+                "trace": torch.tensor(self.trace, dtype=torch.float32).reshape(-1, len(self.TRACE))}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
@@ -336,20 +412,27 @@ class APGAHook(SecondStepHook):
             self.opt.load_state_dict(state["opt"])
             b = state["baseline"]
             self.baseline.value = None if b is None else torch.tensor(float(b))
+            trace = state.get("trace")
+            # the record of the run, not state to roll back: a resumed fit takes the stored one, the
+            # restore of the best epoch at the end of fit keeps the longer record of the whole run
+            if trace is not None and len(trace) > len(self.trace):
+                self.trace = [tuple(float(v) for v in row) for row in trace.tolist()]
 
     def erase_probability(self, x: torch.Tensor) -> torch.Tensor:
         """The agent's per-pixel erase probability (B, 1, H, W) of images ``x`` (eval mode, no gradient)."""
         was = self.agent.training
         self.agent.eval()
         with torch.no_grad():
-            p = torch.sigmoid(self.agent(x.to(self.device)).float())
+            x = x.to(self.device)
+            p = to_pixels(torch.sigmoid(self.logits(x)), self.mask_cell, x.shape[-2:])
         self.agent.train(was)
         return p
 
     def unit_arrays(self) -> dict[str, np.ndarray]:
-        if self.probe is None:
-            return {}
-        return {"probe_erase_p": self.erase_probability(self.probe[0]).cpu().numpy()}
+        out = {"agent_trace": np.asarray(self.trace, dtype=np.float32).reshape(-1, len(self.TRACE))}
+        if self.probe is not None:
+            out["probe_erase_p"] = self.erase_probability(self.probe[0]).cpu().numpy()
+        return out
 
 
 def describe(hook: Any) -> str:

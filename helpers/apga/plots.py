@@ -1,4 +1,4 @@
-"""The APGA page's figures: metric against k per method, and the mask gallery."""
+"""The APGA page's figures: metric against k per method, the agents' per-update record, and the mask gallery."""
 from __future__ import annotations
 
 from typing import Mapping, Sequence
@@ -38,6 +38,42 @@ def kshot_figure(units: pd.DataFrame, metrics: Sequence[str] = ("test/acc", "tes
     fig.legend(handles, labels, loc="upper center", ncol=min(6, len(labels)), frameon=False,
                bbox_to_anchor=(0.5, 1.02))
     fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig
+
+
+def trace_figure(traces: pd.DataFrame, values: Sequence[str] = ("reward", "entropy", "erase_area"),
+                 smooth: int = 5) -> plt.Figure:
+    """The agents' per-update record (:func:`helpers.apga.protocol.agent_traces`): one panel per value
+    and setting (dataset, size, k), a line per method and seed (a running mean over ``smooth``
+    updates), against the agent update. Without any record, a figure that says so."""
+    if not len(traces):
+        fig, ax = plt.subplots(figsize=(4, 1))
+        ax.text(0.5, 0.5, "no agent record (no APGA unit ran)", ha="center", va="center")
+        ax.axis("off")
+        return fig
+    traces = traces.assign(setting=traces["flag"].astype(str) + " " + traces["size"].astype(str) + "px k="
+                           + traces["k"].astype(str))
+    settings = list(dict.fromkeys(traces["setting"]))
+    fig, axes = plt.subplots(len(values), len(settings), figsize=(min(TEXT_WIDTH, 3.2 * len(settings) + 1.4),
+                                                                   1.9 * len(values) + 0.6), squeeze=False)
+    colors = {m: f"C{i}" for i, m in enumerate(dict.fromkeys(traces["method"]))}
+    for j, setting in enumerate(settings):
+        sub = traces[traces["setting"] == setting]
+        for (method, seed), run in sub.groupby(["method", "seed"], sort=False):
+            for i, value in enumerate(values):
+                y = run[value].rolling(max(1, smooth), min_periods=1).mean()
+                axes[i][j].plot(run["update"], y, color=colors[method], lw=0.9, alpha=0.8, ms=3,
+                                marker="o" if len(run) < 10 else None,   # a run of one update is a point
+                                label=str(method) if seed == sub["seed"].min() else None)
+        for i, value in enumerate(values):
+            axes[i][j].set_ylabel(value.replace("_", " "))
+            if value == "entropy":
+                axes[i][j].axhline(np.log(2), color="grey", lw=0.6, ls=":")
+        axes[0][j].set_title(setting, fontsize=8)
+        axes[-1][j].set_xlabel("agent update")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper center", ncol=len(labels), frameon=False, bbox_to_anchor=(0.5, 1.02))
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
     return fig
 
 

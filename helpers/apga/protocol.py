@@ -5,9 +5,11 @@ clean baseline (``pretrain``, its own epochs, selected on val, test never touche
 method starts from the baseline's weights and trains for the *same* number of epochs, with two
 classifier updates per batch (the loop's clean step plus the method's step, see
 :mod:`helpers.apga.hooks`), is validated once per epoch (the same number of validation looks, no
-early stopping), keeps its best epoch by the same monitor on val, and is tested once. The
-reference instead validated APGA every 100 iterations with test-time augmentation but its
-baselines once per epoch, and reported the best val accuracy.
+early stopping), keeps its best epoch by the same monitor on val, and is tested once. Every
+evaluation (the baseline's too) re-estimates the classifier's BatchNorm statistics on the clean
+training images first (:mod:`helpers.apga.batchnorm`). The reference instead validated APGA every
+100 iterations with test-time augmentation but its baselines once per epoch, and reported the
+best val accuracy.
 """
 from __future__ import annotations
 
@@ -25,12 +27,20 @@ from ..models import create_model
 from ..results import Recorder, digest
 from ..stats import compare_pairs, holm
 from ..train import FitConfig
+from .batchnorm import PreciseBNScorer
 from .hooks import APGAHook, CutoutHook, EndToEndHook, GradCAMHook, RepeatHook
 from .masks import fill_value, overlap
 
 #: The methods of the chapter, in table order; ``clean`` and ``cutout`` are the controls.
 METHODS = ("clean", "cutout", "gradcam", "end2end", "apga", "apga_faithful")
 CONTROLS = ("clean", "cutout")
+
+#: The agent settings of the reference (``apga_mura.py``) that ``apga_faithful`` keeps by default,
+#: where :class:`helpers.apga.hooks.APGAHook`'s defaults differ: one agent update per batch, raw
+#: advantages, a start at p = 0.5, one action per pixel, and the loss gain alone as the reward. (The
+#: agent's learning rate comes from the params group; the reference's was 1e-5.)
+REFERENCE_APGA = {"agent_steps": 1, "normalize_advantage": False, "init_erase_p": 0.5, "mask_cell": 1,
+                  "area_cost": 0.0}
 
 
 def k_label(k: int | None) -> str:
@@ -91,10 +101,32 @@ def probe_batch(ds: data_mod.MedMNIST, n: int, mean: float = 0.5, std: float = 0
     return x, split.labels[:n]
 
 
+def faithful_group(apga: Mapping[str, Any], apga_faithful: Mapping[str, Any] | None = None) -> dict:
+    """The settings of ``apga_faithful``: its own group over :data:`REFERENCE_APGA`, or, without
+    one, the ``apga`` group's learning rate and coefficients with the reference's other settings."""
+    if apga_faithful is None:
+        return {**dict(apga), **REFERENCE_APGA}
+    return {**REFERENCE_APGA, **dict(apga_faithful)}
+
+
+def agent_settings(apga: Mapping[str, Any], apga_faithful: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The settings each APGA variant runs with (the hook's defaults, then its params group, as
+    :func:`make_hook` builds it): one row per setting, one column per variant."""
+    import inspect
+
+    defaults = {k: v.default for k, v in inspect.signature(APGAHook.__init__).parameters.items()
+                if v.default is not inspect.Parameter.empty and k != "probe"}
+    variants = {"apga": {**defaults, **dict(apga)},
+                "apga_faithful": {**defaults, **faithful_group(apga, apga_faithful), "faithful": True}}
+    keys = list(dict.fromkeys(k for v in variants.values() for k in v))
+    return pd.DataFrame({"setting": keys, **{name: [str(v.get(k)) for k in keys] for name, v in variants.items()}})
+
+
 def make_hook(method: str, ds: data_mod.MedMNIST, seed: int, *, baseline: torch.nn.Module, agent: Mapping[str, Any],
               apga: Mapping[str, Any], end2end: Mapping[str, Any], cutout: Mapping[str, Any],
-              gradcam: Mapping[str, Any], probe=None):
-    """The hook of ``method`` (one of :data:`METHODS`), with its params groups."""
+              gradcam: Mapping[str, Any], apga_faithful: Mapping[str, Any] | None = None, probe=None):
+    """The hook of ``method`` (one of :data:`METHODS`), with its params groups (``apga_faithful``:
+    :func:`faithful_group`)."""
     fill = fill_value()
     task = ds.task
 
@@ -110,8 +142,10 @@ def make_hook(method: str, ds: data_mod.MedMNIST, seed: int, *, baseline: torch.
         return GradCAMHook(task, baseline, fill, probe=probe, **dict(gradcam))
     if method == "end2end":
         return EndToEndHook(task, new_agent(), fill, probe=probe, **dict(end2end))
-    if method in ("apga", "apga_faithful"):
-        return APGAHook(task, new_agent(), fill, faithful=method == "apga_faithful", probe=probe, **dict(apga))
+    if method == "apga":
+        return APGAHook(task, new_agent(), fill, probe=probe, **dict(apga))
+    if method == "apga_faithful":
+        return APGAHook(task, new_agent(), fill, faithful=True, probe=probe, **faithful_group(apga, apga_faithful))
     raise ParamsError(f"method '{method}' unknown; use one of {', '.join(METHODS)}")
 
 
@@ -125,12 +159,18 @@ def run_protocol(recorder: Recorder, ds: data_mod.MedMNIST, *, methods: Sequence
                  ks: Sequence[int | None], model: str, pretrain: FitConfig, cfg: FitConfig, batch_size: int,
                  agent: Mapping[str, Any], apga: Mapping[str, Any], end2end: Mapping[str, Any],
                  cutout: Mapping[str, Any], gradcam: Mapping[str, Any], probe_n: int = 8,
-                 device: str = "auto", model_kwargs: Mapping[str, Any] | None = None) -> pd.DataFrame:
+                 device: str = "auto", model_kwargs: Mapping[str, Any] | None = None,
+                 apga_faithful: Mapping[str, Any] | None = None, precise_bn: bool = True) -> pd.DataFrame:
     """Run the protocol (module docstring) for one dataset; units are stored in ``recorder`` (and
     reused when already there). Unit keys: ``flag``, ``size``, ``k``, ``seed``, ``method``.
 
+    ``apga_faithful``: :func:`make_hook` and :func:`faithful_group`. ``precise_bn``: every unit (the
+    baselines too) is evaluated, on val at every epoch and on test once, with its BatchNorm
+    statistics re-estimated on its clean training images (:mod:`helpers.apga.batchnorm`).
+
     Returns the budget per k and seed: training images, batches per epoch, epochs and classifier
-    updates of the baseline and of every method (two per batch)."""
+    updates of the baseline and of every method (two per batch), and the agent updates of each
+    APGA variant in ``methods``."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ParamsError(f"methods {unknown} unknown; use some of {', '.join(METHODS)}")
@@ -142,23 +182,30 @@ def run_protocol(recorder: Recorder, ds: data_mod.MedMNIST, *, methods: Sequence
             sub = kshot(ds, k, seed)
             keys = {"flag": ds.flag, "size": ds.size, "k": k_label(k), "seed": seed}
             batches = -(-len(sub["train"]) // batch_size)
+            steps = {"apga": dict(apga).get("agent_steps", APGAHook.DEFAULT_AGENT_STEPS),
+                     "apga_faithful": faithful_group(apga, apga_faithful)["agent_steps"]}
             plan.append({**keys, "train images": len(sub["train"]), "batches per epoch": batches,
                          "baseline epochs": pretrain.epochs, "method epochs": cfg.epochs,
                          "classifier updates per method": 2 * batches * cfg.epochs,
-                         "val looks per method": cfg.epochs})
+                         "val looks per method": cfg.epochs,
+                         **{f"agent updates ({m})": int(steps[m]) * batches * cfg.epochs
+                            for m in steps if m in methods}})
             pre_keys = {**keys, "method": "pretrain"}
+            scorer = PreciseBNScorer(sub["train"], sub.task, batch_size) if precise_bn else None
             train_and_test(recorder, sub, model, seed, pretrain, batch_size=batch_size, unit=pre_keys,
-                           keep_model=True, evaluate_on=("val",), model_kwargs=model_kwargs, device=device)
+                           keep_model=True, evaluate_on=("val",), model_kwargs=model_kwargs, device=device,
+                           scorer=scorer)
             settings = unit_settings(model, model_kwargs=model_kwargs)
             weights = recorder.load_model(**pre_keys, **({"variant": digest(settings)[:8]} if settings else {}))
             base = create_model(model, num_classes=sub.n_classes, in_chans=sub.n_channels, **dict(model_kwargs or {}))
             base.load_state_dict(weights)
             for method in methods:
                 hook = make_hook(method, sub, seed, baseline=base, agent=agent, apga=apga, end2end=end2end,
-                                 cutout=cutout, gradcam=gradcam, probe=probe)
+                                 cutout=cutout, gradcam=gradcam, apga_faithful=apga_faithful, probe=probe)
                 train_and_test(recorder, sub, model, seed, cfg, batch_size=batch_size, hooks=[hook],
                                unit={**keys, "method": method}, init_from=weights, model_kwargs=model_kwargs,
-                               device=device)
+                               device=device, keep_model=True,   # rebuilt by the summary page (robustness)
+                               scorer=scorer)   # its stored weights hold the re-estimated statistics
     return pd.DataFrame(plan)
 
 
@@ -238,10 +285,22 @@ def find_unit(recorder: Recorder, **keys: Any) -> dict | None:
     return None
 
 
+def top_share(maps: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Per image of ``maps`` (B, 1, H, W), the ``counts[b]`` pixels of highest value (ties broken by
+    position) as a boolean mask: a region of a given area from a map that never crosses 0.5."""
+    flat = maps.flatten(1)
+    order = flat.argsort(dim=1, descending=True, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(flat.shape[1]).expand_as(order))
+    return (ranks < counts.view(-1, 1)).view(maps.shape)
+
+
 def gallery_overlap(recorder: Recorder, units: pd.DataFrame, threshold: float = 0.5) -> pd.DataFrame:
-    """Per APGA unit: IoU of the agent's region (erase p > 0.5: what its inverse-masked step keeps)
-    with the Grad-CAM region (map > ``threshold``) of the same k and seed's frozen baseline on the
-    probe images, beside the IoU of the same masks paired with another image's map (chance level)."""
+    """Per APGA unit, on the probe images, against the Grad-CAM region (map > ``threshold``) of the
+    same k and seed's frozen baseline: the IoU of the agent's region (erase p > 0.5: what the greedy
+    faithful agent erases), and the IoU of its equal-area region (its most-erased pixels, as many as
+    the Grad-CAM region has; a sampling agent with a price on area rarely crosses 0.5), each beside
+    the IoU of the same agent map paired with another image's Grad-CAM region (chance level)."""
     rows = []
     for r in units[units["method"].astype(str).isin(["apga", "apga_faithful"])].itertuples():
         keys = {c: getattr(r, c) for c in ("flag", "size", "k", "seed")}
@@ -251,12 +310,17 @@ def gallery_overlap(recorder: Recorder, units: pd.DataFrame, threshold: float = 
         a, cam = recorder.scores(**a_keys).get("probe_erase_p"), recorder.scores(**g_keys).get("probe_gradcam")
         if a is None or cam is None:
             continue
-        agent = torch.from_numpy(a) > 0.5
+        p = torch.from_numpy(a)
+        agent = p > 0.5
         region = torch.from_numpy(cam) > threshold
         shuffled = torch.roll(region, 1, dims=0)
+        counts = region.flatten(1).sum(1)
         rows.append({**keys, "method": str(r.method), "agent area": float(agent.float().mean()),
-                     "Grad-CAM area": float(region.float().mean()), "IoU": float(overlap(agent, region).mean()),
-                     "IoU, shuffled pairs": float(overlap(agent, shuffled).mean())})
+                     "mean p(erase)": float(p.mean()), "Grad-CAM area": float(region.float().mean()),
+                     "IoU": float(overlap(agent, region).mean()),
+                     "IoU, shuffled pairs": float(overlap(agent, shuffled).mean()),
+                     "IoU, equal area": float(overlap(top_share(p, counts), region).mean()),
+                     "IoU, equal area, shuffled": float(overlap(top_share(p, torch.roll(counts, 1)), shuffled).mean())})
     return pd.DataFrame(rows)
 
 
@@ -267,10 +331,53 @@ def overlap_sentence(iou: pd.DataFrame) -> str:
     parts = []
     for method, g in iou.groupby("method", sort=False):
         above = int((g["IoU"] > g["IoU, shuffled pairs"]).sum())
-        parts.append(f"For {method}, the agent's region (mean area {g['agent area'].mean():.2f} of the image) "
-                     f"overlapped the Grad-CAM region (area {g['Grad-CAM area'].mean():.2f}) with a mean IoU of "
-                     f"{g['IoU'].mean():.3f}, against {g['IoU, shuffled pairs'].mean():.3f} for masks paired with "
-                     f"another image's map; above that chance level in {above} of {len(g)} runs.")
+        above_eq = int((g["IoU, equal area"] > g["IoU, equal area, shuffled"]).sum())
+        parts.append(f"For {method}, the agent's region p > 0.5 (mean area {g['agent area'].mean():.2f} of the "
+                     f"image; mean erase probability {g['mean p(erase)'].mean():.2f}) overlapped the Grad-CAM region "
+                     f"(area {g['Grad-CAM area'].mean():.2f}) with a mean IoU of {g['IoU'].mean():.3f}, against "
+                     f"{g['IoU, shuffled pairs'].mean():.3f} for the same masks paired with another image's map "
+                     f"(above that chance level in {above} of {len(g)} runs); its most-erased pixels, as many as "
+                     f"Grad-CAM's, gave {g['IoU, equal area'].mean():.3f} against "
+                     f"{g['IoU, equal area, shuffled'].mean():.3f} (above in {above_eq} of {len(g)} runs).")
+    return " ".join(parts)
+
+
+def agent_traces(recorder: Recorder, units: pd.DataFrame) -> pd.DataFrame:
+    """The per-update record of every APGA unit (``agent_trace``, :attr:`APGAHook.TRACE`) in long
+    form: the unit's keys, ``update`` (1-based) and one column per recorded value."""
+    frames = []
+    for r in units[units["method"].astype(str).isin(["apga", "apga_faithful"])].itertuples():
+        keys = {c: getattr(r, c) for c in ("flag", "size", "k", "seed")}
+        found = find_unit(recorder, **keys, method=str(r.method))
+        trace = recorder.scores(**found).get("agent_trace") if found else None
+        if trace is None or not len(trace):
+            continue
+        frame = pd.DataFrame(trace, columns=list(APGAHook.TRACE))
+        frames.append(frame.assign(**keys, method=str(r.method), update=np.arange(1, len(trace) + 1)))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def agent_sentence(traces: pd.DataFrame, share: float = 0.1) -> str:
+    """How the agents moved over training, per method: the number of agent updates, and the mean
+    entropy (against ln 2, the most a binary action can have), erased area and reward of the first
+    and of the last ``share`` of each run's updates, averaged over runs."""
+    if not len(traces):
+        return "No agent record was stored (no APGA unit ran)."
+    parts = []
+    for method, g in traces.groupby("method", sort=False):
+        first, last, n = [], [], []
+        for _, run in g.groupby(["flag", "size", "k", "seed"], sort=False):
+            m = max(1, int(round(share * len(run))))
+            first.append(run.iloc[:m][["entropy", "erase_area", "reward"]].mean())
+            last.append(run.iloc[-m:][["entropy", "erase_area", "reward"]].mean())
+            n.append(len(run))
+        a, b = pd.concat(first, axis=1).mean(1), pd.concat(last, axis=1).mean(1)
+        count = f"{min(n)}" if min(n) == max(n) else f"{min(n)} to {max(n)}"
+        parts.append(f"{method}: {count} agent update{'' if max(n) == 1 else 's'} per run; from the first to the last "
+                     f"{share:.0%} of them, the policy's entropy went from {a['entropy']:.3f} to {b['entropy']:.3f} "
+                     f"nats per action (at most ln 2 = {np.log(2):.3f}), the erased area from {a['erase_area']:.2f} "
+                     f"to {b['erase_area']:.2f} of the image and the reward from {a['reward']:.3f} to "
+                     f"{b['reward']:.3f} (mean over {len(n)} runs).")
     return " ".join(parts)
 
 
@@ -281,6 +388,7 @@ def params_summary(cfg: FitConfig, pretrain: FitConfig) -> dict:
             **{f"method {k}": getattr(cfg, k) for k in pick}}
 
 
-__all__ = ["METHODS", "CONTROLS", "k_label", "kshot", "check_protocol", "check_equal_looks", "probe_batch",
-           "make_hook", "agent_for", "run_protocol", "method_units", "comparisons", "outcome", "outcome_sentence",
-           "budget_table", "find_unit", "gallery_overlap", "overlap_sentence", "params_summary"]
+__all__ = ["METHODS", "CONTROLS", "REFERENCE_APGA", "faithful_group", "agent_settings", "k_label", "kshot",
+           "check_protocol", "check_equal_looks", "probe_batch", "make_hook", "agent_for", "run_protocol",
+           "method_units", "comparisons", "outcome", "outcome_sentence", "budget_table", "find_unit", "top_share",
+           "agent_traces", "agent_sentence", "gallery_overlap", "overlap_sentence", "params_summary"]

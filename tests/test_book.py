@@ -248,6 +248,9 @@ def test_pages_have_tables_and_figures(built_book):
     for name in ("baselines", "nas"):
         page = (html / "runs" / name / f"{name}.html").read_text()
         assert "<table" in page and "<img" in page and "±" in page, name
+    summary_page = (html / "runs" / "summary" / "summary.html").read_text()   # the leaderboard, with numbers
+    assert "Leaderboard: test metrics" in summary_page and "±" in summary_page and "ECE" in summary_page
+    assert "pasted-text" in (html / "differences.html").read_text()   # its numbers are glued from the summary run
     assert "cdn.jsdelivr" not in (html / "intro.html").read_text()
 
 
@@ -300,7 +303,8 @@ PAGE_CHECKS_JS = """() => {
   return {height: document.documentElement.scrollHeight, longest, longestText, overflow};
 }"""
 # notebook -> (tables, rendered figures) its page must show at least
-FIGURES_AND_TABLES = {"baselines": (2, 2), "nas": (5, 4), "provenance": (1, 0)}
+FIGURES_AND_TABLES = {"baselines": (2, 2), "nas": (5, 4), "provenance": (1, 0),
+                      "summary": (8, 3)}   # leaderboard, controls, calibration, robustness...; reliability, robustness, RL curves
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 

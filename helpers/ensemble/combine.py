@@ -264,7 +264,8 @@ def fit_weighting(stack: ScoreStack, variant: str, cfg: FitConfig, *, seed: int 
                   normalize_advantage: bool = True, task: str = "multi-class") -> dict:
     """Train one weighting-network ``variant`` (``ce``, ``faithful``, ``rl``) on the out-of-fold train
     scores with :func:`helpers.train.fit`, select its epoch on val loss; return probabilities, weights
-    and the history (weights' and temperature's trajectories, ``rl/*`` for ``rl``)."""
+    and the history (weights' and temperature's trajectories, ``rl/*`` for ``rl``), and the network's
+    selected ``state`` (stored with the unit, so the summary page can rebuild the combiner)."""
     if variant not in WEIGHTING:
         raise ValueError(f"weighting variant {variant!r} unknown; use one of {WEIGHTING}")
     seed_everything(seed)
@@ -286,7 +287,7 @@ def fit_weighting(stack: ScoreStack, variant: str, cfg: FitConfig, *, seed: int 
         probs = {s: combine(x[s], model.mean_weights(x[s])).exp().numpy() for s in ("train", "val", "test")}
         weights = {s: model.mean_weights(x[s]).numpy() for s in ("val", "test")}
     return {"probs": probs, "weights": weights, "history": result.history, "best_epoch": result.best_epoch,
-            "temperature": float(model.temperature.detach())}
+            "temperature": float(model.temperature.detach()), "state": model.state_dict()}
 
 
 class GateNet(nn.Module):
@@ -365,7 +366,7 @@ def combiner_unit(recorder: Recorder, stack: ScoreStack, combiner: str, seed: in
                    "cfg": asdict(cfg), "gate_cfg": asdict(gate_cfg) if gate_cfg else None, "settings": opts}
 
     def compute() -> dict:
-        extra, history = {}, None
+        extra, history, state = {}, None, None
         batch = opts.get("batch_size", 32)
         if expert is not None:   # the gate sits on the stored ungated combiner: it is fitted once, not twice
             base = combiner_unit(recorder, stack, combiner, seed, cfg, task, settings=opts, unit_tag=unit_tag)
@@ -383,7 +384,7 @@ def combiner_unit(recorder: Recorder, stack: ScoreStack, combiner: str, seed: in
                                 **{k: opts[k] for k in ("hidden", "faithful_coef", "concentration", "reward",
                                                         "baseline_decay", "entropy_coef", "normalize_advantage")
                                    if k in opts})
-            probs, history = res["probs"], res["history"]
+            probs, history, state = res["probs"], res["history"], res["state"]
             extra.update(best_epoch=res["best_epoch"], temperature=res["temperature"])
         scores = {}
         if expert is not None:
@@ -407,6 +408,6 @@ def combiner_unit(recorder: Recorder, stack: ScoreStack, combiner: str, seed: in
                 metrics.update({f"{s}/gate_mean": float(g.mean()),
                                 f"{s}/gate_right": float(g[right].mean()) if right.any() else math.nan,
                                 f"{s}/gate_wrong": float(g[~right].mean()) if (~right).any() else math.nan})
-        return {"metrics": metrics, "history": history, "scores": scores, "extra": extra}
+        return {"metrics": metrics, "history": history, "scores": scores, "extra": extra, "model": state}
 
     return recorder.unit(keys, compute, fingerprint=fingerprint, code=unit_code_digest(uses=("ensemble", "rl")))

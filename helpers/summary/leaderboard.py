@@ -1,0 +1,194 @@
+"""The cross-method leaderboard: every chapter's final models, method x dataset, over seeds.
+
+:func:`stored_runs` finds the runs of ``book/_runs.yml`` whose results are on disk (a local results
+folder, else a published one); :func:`per_seed` reads their final units (:mod:`.chapters`) into one
+row per (run, dataset, method, seed) with the test ACC, AUC, balanced accuracy and kappa each unit
+stored; :func:`leaderboard` gives ``mean ± std`` over seeds; :func:`paired_differences` compares each
+method with its chapter's equal-budget control(s), paired over seeds with
+:func:`helpers.stats.paired_comparison`, Holm-adjusted within each run and metric.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .. import config
+from ..metrics import format_mean_std
+from ..stats import holm, paired_comparison
+from .chapters import CHAPTERS, FinalUnit, RunRef
+
+__all__ = ["METRICS", "SKIP", "stored_runs", "per_seed", "leaderboard", "paired_differences", "differences_view",
+           "coverage", "faithful_glue", "for_page"]
+
+#: The leaderboard's metrics, as every classification unit stores them.
+METRICS = ("test/acc", "test/auc", "test/balanced_acc", "test/kappa")
+#: Pages that read other runs and report no final models of their own.
+SKIP = ("summary", "provenance")
+
+
+def stored_runs(book: Path | None = None, page=None, published: Path | None = None) -> list[RunRef]:
+    """The runs of ``<book>/_runs.yml`` (the repository's ``book/_runs.yml`` when the book folder has
+    none) that have stored results: the local results folder when it holds units (read through
+    ``page.needs`` when a page is given, as the book's ``needs: "*"`` declares), else the run's
+    published folder (``book/published/``), else nothing. Summary-like pages are left out."""
+    from ..book import planned_runs, published_dir
+
+    book = Path(book or config.book_dir())
+    spec_book = book if (book / "_runs.yml").is_file() else config.repo_root() / "book"
+    published = published or published_dir()
+    out = []
+    for entry in planned_runs(spec_book, ordered=False):
+        stem = Path(entry["notebook"]).stem
+        if stem in SKIP:
+            continue
+        local = config.results_dir(stem, entry["name"], book=book)
+        if (local / "units").is_dir() and any((local / "units").iterdir()):
+            root = page.needs(stem, entry["name"]).root if page is not None else local
+            out.append(RunRef(stem, entry["name"], Path(root), "local"))
+        elif (published / stem / entry["name"] / "units").is_dir():
+            out.append(RunRef(stem, entry["name"], published / stem / entry["name"], "published"))
+    return out
+
+
+def per_seed(finals: Iterable[FinalUnit], metrics: Sequence[str] = METRICS) -> pd.DataFrame:
+    """One row per final unit: ``chapter, run, source, profile, dataset, method, role, seed`` and ``metrics``
+    (NaN where a unit did not store one)."""
+    rows = [{"chapter": f.chapter, "run": f.run, "source": f.source, "profile": f.profile, "dataset": f.dataset,
+             "method": f.method, "role": f.role, "seed": f.seed, **{m: f.metrics.get(m, np.nan) for m in metrics}}
+            for f in finals]
+    cols = ["chapter", "run", "source", "profile", "dataset", "method", "role", "seed", *metrics]
+    return pd.DataFrame(rows, columns=cols)
+
+
+GROUP = ["chapter", "run", "profile", "dataset", "method", "role"]
+
+
+def leaderboard(rows: pd.DataFrame, metrics: Sequence[str] = METRICS, digits: int = 3) -> pd.DataFrame:
+    """``mean ± std`` over seeds per (chapter, run, dataset, method) in the order rows came, with ``n``
+    seeds and the numeric means as ``<metric> mean`` (for sorting and figures). A single seed shows
+    its value alone (no spread to give)."""
+    if rows.empty:
+        return pd.DataFrame(columns=[*GROUP, "n", *metrics])
+    grouped = rows.fillna({"profile": "?"}).groupby(GROUP, sort=False, dropna=False)
+    out = grouped.size().rename("n").reset_index()
+    for m in metrics:
+        mean, std = grouped[m].mean().to_numpy(), grouped[m].std(ddof=1).to_numpy()
+        out[m] = [format_mean_std(a, s, digits) if n > 1 and np.isfinite(s) else
+                  ("–" if not np.isfinite(a) else f"{a:.{digits}f}") for a, s, n in zip(mean, std, out["n"])]
+        out[f"{m} mean"] = mean
+    return out
+
+
+def paired_differences(rows: pd.DataFrame, metrics: Sequence[str] = METRICS, chapters=None,
+                       against: str = "controls") -> pd.DataFrame:
+    """Each method against each of its chapter's controls (``chapters``: default
+    :data:`helpers.summary.chapters.CHAPTERS`; ``against="faithful"``: against the variant that keeps
+    the reference's behaviour instead), per run and dataset, paired over seeds; ``p_holm`` is Holm's
+    adjustment over the rows of the same run and metric. Columns: ``chapter, run, dataset, a, b,
+    metric, n_seeds, mean_a, mean_b, mean_diff, sd_diff, t, p, p_holm``."""
+    chapters = chapters or CHAPTERS
+    out = []
+    for (chapter, run, dataset), group in rows.groupby(["chapter", "run", "dataset"], sort=False):
+        controls = getattr(chapters[chapter], against) if chapter in chapters else {}
+        present = set(group["method"])
+        for method, ctrl in controls.items():
+            for control in ctrl:
+                if method not in present or control not in present:
+                    continue
+                for m in metrics:
+                    if group[m].notna().sum() == 0:
+                        continue
+                    with warnings.catch_warnings():   # near-identical pairs: scipy warns of precision loss
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        out.append(paired_comparison(group, method, control, m, by="method", unit="seed",
+                                                     chapter=chapter, run=run, dataset=dataset))
+    df = pd.DataFrame(out)
+    if df.empty:
+        return pd.DataFrame(columns=["chapter", "run", "dataset", "a", "b", "metric", "n_seeds", "mean_a", "mean_b",
+                                     "mean_diff", "sd_diff", "t", "p", "p_holm"])
+    df["p_holm"] = np.nan
+    for _, idx in df.groupby(["run", "metric"]).groups.items():
+        df.loc[idx, "p_holm"] = holm(df.loc[idx, "p"].to_numpy())
+    cols = ["chapter", "run", "dataset", "a", "b", "metric", "n_seeds", "mean_a", "mean_b", "mean_diff", "sd_diff",
+            "t", "p", "p_holm"]
+    return df[cols]
+
+
+def differences_view(diffs: pd.DataFrame, metrics: Sequence[str] = METRICS, digits: int = 3) -> pd.DataFrame:
+    """The paired differences one row per (run, dataset, method, control): for each metric
+    ``+0.012 (p_holm 0.41)``, i.e. mean difference over seeds (method − control) and Holm's p."""
+    if diffs.empty:
+        return pd.DataFrame(columns=["chapter", "run", "dataset", "method", "control", "n_seeds"])
+
+    def cell(r):
+        if not np.isfinite(r["mean_diff"]):
+            return "–"
+        p = f"p_holm {r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else "no p"
+        return f"{r['mean_diff']:+.{digits}f} ({p})"
+
+    d = diffs.assign(cell=diffs.apply(cell, axis=1))
+    wide = d.pivot_table(index=["chapter", "run", "dataset", "a", "b", "n_seeds"], columns="metric", values="cell",
+                         aggfunc="first", sort=False).reset_index()
+    wide.columns.name = None
+    wide = wide.rename(columns={"a": "method", "b": "control"})
+    return wide[[c for c in ["chapter", "run", "dataset", "method", "control", "n_seeds", *metrics] if c in wide]]
+
+
+def coverage(finals: Sequence[FinalUnit], runs: Sequence[RunRef]) -> pd.DataFrame:
+    """What each run gives the summary: final units, seeds, whether per-sample scores (calibration)
+    and weights (robustness) are stored, and the chapter's note (e.g. no per-seed rows)."""
+    rows = []
+    for run in runs:
+        mine = [f for f in finals if f.run == run.name and f.chapter == run.notebook]
+        scores = sum(f.has_scores for f in mine)
+        rebuild = sum(not f.weights_missing for f in mine)
+        why = sorted({f.weights_missing.split(" (e.g.")[0] for f in mine if f.weights_missing})
+        prov = run.provenance
+        device = prov.get("device") or {}
+        rows.append({"chapter": run.notebook, "run": run.name, "source": run.source,
+                     "profile": prov.get("profile"), "device": device.get("gpu") or
+                     (f"CPU x{device['cpu_count']}" if device.get("cpu_count") else None),
+                     "commit": (str((prov.get("git") or {}).get("commit") or "")[:10] or None),
+                     "final models": len(mine),
+                     "seeds": len({f.seed for f in mine}), "with scores": scores, "rebuildable": rebuild,
+                     "why not": "; ".join(why) or "–", "note": CHAPTERS.get(run.notebook).note
+                     if run.notebook in CHAPTERS else ""})
+    return pd.DataFrame(rows)
+
+
+def _key(*parts: str) -> str:
+    return "-".join(str(p).replace(" ", "_").replace(",", "").replace("/", "_") for p in parts)
+
+
+def faithful_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc", "test/auc")) -> dict:
+    """Texts for the hand-written "differences from the reference code" page: for every chapter's
+    declared (sound, faithful) pair, in the chapter's main run (the run named after its notebook),
+    ``"+0.012 (Holm p 0.41, 3 seeds)"`` per metric (sound − faithful, paired over seeds), else a
+    phrase saying it was not measured in this build. Keys: ``faithful-<chapter>-<sound>-<metric>``
+    (spaces as ``_``, commas dropped), so the page can ``{glue:text}`` every key in every build."""
+    chapters = chapters or CHAPTERS
+    out = {}
+    for chapter, spec in chapters.items():
+        for a, bs in spec.faithful.items():
+            for b in bs[:1]:
+                for m in metrics:
+                    hit = diffs[(diffs["chapter"] == chapter) & (diffs["run"] == chapter) & (diffs["a"] == a)
+                                & (diffs["b"] == b) & (diffs["metric"] == m)] if len(diffs) else diffs
+                    key = _key("faithful", chapter, a, m.split("/")[-1])
+                    if len(hit) and np.isfinite(hit["mean_diff"].iloc[0]):
+                        r = hit.iloc[0]
+                        p = f"Holm p {r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else "no test"
+                        out[key] = f"{r['mean_diff']:+.3f} ({p}, {int(r['n_seeds'])} seeds)"
+                    else:
+                        out[key] = "not measured in this build"
+    return out
+
+
+def for_page(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as the page shows it: without the ``chapter`` column (a run's name already starts with
+    its chapter's, and the stored CSV keeps it), so the numbers fit beside the names."""
+    return df.drop(columns=[c for c in ("chapter",) if c in df.columns])

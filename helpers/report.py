@@ -11,7 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["verdict", "comparison_sentence", "decomposition_sentence", "val_test_sentence", "power_note"]
+__all__ = ["verdict", "comparison_sentence", "decomposition_sentence", "val_test_sentence", "power_note", "wall_sentence"]
 
 
 def _finite(row: Mapping, key: str) -> bool:
@@ -79,3 +79,19 @@ def power_note(n: int, unit: str = "seed", below: int = 5) -> str:
         return ""
     return (f"With {n} {unit}s these tests have little power: read the differences and their spread, "
             "not only the p-values.")
+
+
+def wall_sentence(runs) -> str:
+    """The wall time of a set of stored runs (rows of :func:`helpers.results.collect_provenance`):
+    the total per profile and device, and the longest run, e.g. ``"quick on CPU x2: 31.2 min
+    (1,872 s) over 8 runs, the longest apga/apga 290 s"``."""
+    timed = runs[runs["wall_s"].notna()] if len(runs) else runs
+    if not len(timed):
+        return "no timed runs stored"
+    parts = []
+    for (profile, device), g in timed.groupby(["profile", "device"], sort=False, dropna=False):
+        top = g.loc[g["wall_s"].idxmax()]
+        total = float(g["wall_s"].sum())
+        parts.append(f"{profile} on {device}: {total / 60:.1f} min ({total:,.0f} s) over {len(g)} run"
+                     f"{'s' if len(g) > 1 else ''}, the longest {top['notebook']}/{top['run']} {top['wall_s']:,.0f} s")
+    return "; ".join(parts)

@@ -250,7 +250,8 @@ def test_pages_have_tables_and_figures(built_book):
         assert "<table" in page and "<img" in page and "±" in page, name
     summary_page = (html / "runs" / "summary" / "summary.html").read_text()   # the leaderboard, with numbers
     assert "Leaderboard: test metrics" in summary_page and "±" in summary_page and "ECE" in summary_page
-    assert "pasted-text" in (html / "differences.html").read_text()   # its numbers are glued from the summary run
+    for glued in ("differences", "findings", "reproducibility"):   # numbers glued from the summary and provenance runs
+        assert "pasted-text" in (html / f"{glued}.html").read_text(), glued
     assert "cdn.jsdelivr" not in (html / "intro.html").read_text()
 
 

@@ -546,3 +546,12 @@ def test_champions_are_retrained_at_the_datasets_image_size(tmp_path, make_npz, 
     cfg = FitConfig(epochs=1, schedule="none", monitor="val/acc", progress="none")
     champ = nas.retrain_champions(Recorder(tmp_path / "r"), ds, episodes, cfg, batch_size=8, device="cpu")
     assert len(champ) == 1 and 0 <= champ["test/acc"].iloc[0] <= 1
+
+
+def test_wall_sentence_totals_per_profile_and_device_and_names_the_longest_run():
+    runs = pd.DataFrame({"notebook": ["apga", "noise", "folds", "nas"], "run": ["apga", "noise", "folds", "nas_full"],
+                         "profile": ["quick", "quick", "quick", "full"], "device": ["CPU x2"] * 4,
+                         "wall_s": [100.0, 250.0, None, 9127.0]})
+    assert report.wall_sentence(runs) == ("quick on CPU x2: 5.8 min (350 s) over 2 runs, the longest noise/noise 250 s; "
+                                          "full on CPU x2: 152.1 min (9,127 s) over 1 run, the longest nas/nas_full 9,127 s")
+    assert report.wall_sentence(runs.iloc[:0]) == "no timed runs stored"

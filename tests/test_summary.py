@@ -212,6 +212,28 @@ def test_leaderboard_means_roles_and_paired_differences_on_a_fake_tree(fake_book
     assert row["p"] == pytest.approx(sps.ttest_rel([0.74, 0.75, 0.71], [0.70, 0.72, 0.71]).pvalue)
     assert row["p_holm"] >= row["p"]
     assert not (diffs["chapter"] == "baselines").any()   # a yardstick has no control
+    from helpers.summary import headline_glue
+
+    texts = headline_glue(diffs)
+    assert texts["headline-nas-rl-vs-random-acc"] == f"{d.mean():+.3f} (Holm p {row['p_holm']:.2g}, 3 seeds)"
+    assert texts["headline-nas-rl_masked-vs-random_masked-acc"] == "not measured in this build"
+    assert texts["headline-noise-policy-vs-random-acc"] == "not measured in this build"
+
+
+def test_glued_texts_tally_a_pair_over_several_settings():
+    from helpers.summary import faithful_glue, headline_glue
+
+    def row(dataset, diff, p):
+        return {"chapter": "apga", "run": "apga", "dataset": dataset, "a": "apga", "b": "cutout", "metric": "test/acc",
+                "n_seeds": 3, "mean_diff": diff, "p_holm": p}
+
+    diffs = pd.DataFrame([row("a", 0.02, 0.01), row("b", 0.01, 0.4), row("c", -0.03, 0.02), row("d", np.nan, np.nan)])
+    text = headline_glue(diffs)["headline-apga-apga-vs-cutout-acc"]
+    assert text == ("higher in 2 of 3 settings (1 significant after Holm), lower in 1 (1 significant); "
+                    "mean difference +0.000, 3+ seeds")
+    faithful = diffs.assign(b="apga_faithful")
+    assert faithful_glue(faithful)["faithful-apga-apga-acc"] == text
+    assert faithful_glue(faithful.iloc[:1])["faithful-apga-apga-acc"] == "+0.020 (Holm p 0.01, 3 seeds)"
 
 
 def test_calibration_of_the_fake_tree_is_each_units_ece(fake_book):
@@ -331,6 +353,9 @@ def test_declared_controls_are_the_chapters_own():
     names = set(LABELS.values()) | {v + GATED for v in LABELS.values()}
     assert set(ens.controls) <= names and set(ens.rl) <= names and ch.ENSEMBLE_AVERAGE == LABELS["average"]
     assert set(ens.controls) == names - {LABELS["average"]}
+    for key, spec in ch.CHAPTERS.items():   # each headline pair is a declared method and one of its controls
+        for a, b in spec.headline:
+            assert b in spec.controls.get(a, ()), (key, a, b)
 
 
 def test_published_file_agrees_with_the_copies_the_chapters_keep():

@@ -58,6 +58,8 @@ class Chapter:
     #: each sound method and the variant that keeps the reference implementation's behaviour
     #: (``faithful``), trained at the same budget: their difference measures what our change does
     faithful: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    #: the (method, control) pairs that answer the chapter's question, for the introduction's table
+    headline: tuple[tuple[str, str], ...] = ()
 
     def role(self, method: str) -> str:
         if method in self.rl:
@@ -74,17 +76,18 @@ CHAPTERS: dict[str, Chapter] = {
                    controls={"rl": ("random",), "rl_faithful": ("random",), "rl_masked": ("random_masked",),
                              "rl_faithful_masked": ("random_masked",), "random_masked": ("random",)},
                    faithful={"rl": ("rl_faithful",), "rl_masked": ("rl_faithful_masked",)},
+                   headline=(("rl", "random"), ("rl_masked", "random_masked")),
                    note="each search's champion retrained once and tested once"),
     "folds": Chapter("Fold diagnostics", note="one final model per target (the chosen config, one seed), tested "
                      "once: no per-seed rows and no control on test; before vs after is paired over folds on its page"),
     "noise": Chapter("Policy-gradient noise masks", rl=("policy", "faithful"),
                      controls={"policy": ("plain", "random"), "faithful": ("plain",), "random": ("plain",)},
-                     faithful={"policy": ("faithful",)},
+                     faithful={"policy": ("faithful",)}, headline=(("policy", "random"), ("policy", "plain")),
                      note="scored on the mix's joint labels (the chapter's per-dataset tables are on its page)"),
     "apga": Chapter("APGA", rl=("apga", "apga_faithful"),
                     controls={"apga": ("clean", "cutout"), "apga_faithful": ("clean", "cutout"),
                               "cutout": ("clean",), "gradcam": ("clean",), "end2end": ("clean",)},
-                    faithful={"apga": ("apga_faithful",)}),
+                    faithful={"apga": ("apga_faithful",)}, headline=(("apga", "cutout"), ("apga", "clean"))),
     "ensemble": Chapter("RL-weighted ensemble", rl=("weighting, REINFORCE", "weighting, REINFORCE + expert gate"),
                         controls={m: (ENSEMBLE_AVERAGE,) for m in (
                             "stacker (logistic regression)", "weighting, CE", "weighting, faithful loss",
@@ -93,6 +96,7 @@ CHAPTERS: dict[str, Chapter] = {
                             "weighting, faithful loss + expert gate", "weighting, REINFORCE + expert gate")},
                         faithful={"weighting, REINFORCE": ("weighting, faithful loss",),
                                   "weighting, REINFORCE + expert gate": ("weighting, faithful loss + expert gate",)},
+                        headline=(("weighting, REINFORCE", ENSEMBLE_AVERAGE),),
                         note="combiners of cross-fitted members; the plain average and the weighting networks "
                              "are rebuilt from stored weights, the stacker and the expert's gate are not"),
 }

@@ -164,28 +164,54 @@ def _key(*parts: str) -> str:
     return "-".join(str(p).replace(" ", "_").replace(",", "").replace("/", "_") for p in parts)
 
 
+def _pair_text(hit: pd.DataFrame) -> str:
+    """One (method, control) pair over the settings (dataset, k, ...) of a run: the paired difference
+    with Holm's p for one setting, else a tally of the settings where the method was higher or lower."""
+    hit = hit[np.isfinite(hit["mean_diff"])]
+    if hit.empty:
+        return "not measured in this build"
+    if len(hit) == 1:
+        r = hit.iloc[0]
+        p = f"Holm p {r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else "no test"
+        return f"{r['mean_diff']:+.3f} ({p}, {int(r['n_seeds'])} seeds)"
+    sig = hit["p_holm"] < 0.05
+    up, down = hit["mean_diff"] > 0, hit["mean_diff"] < 0
+    return (f"higher in {int(up.sum())} of {len(hit)} settings ({int((up & sig).sum())} significant after Holm), "
+            f"lower in {int(down.sum())} ({int((down & sig).sum())} significant); mean difference "
+            f"{hit['mean_diff'].mean():+.3f}, {int(hit['n_seeds'].min())}+ seeds")
+
+
+def _pairs_glue(diffs: pd.DataFrame, pairs, metrics: Sequence[str], prefix: str) -> dict:
+    out = {}
+    for chapter, a, b in pairs:
+        for m in metrics:
+            hit = diffs[(diffs["chapter"] == chapter) & (diffs["run"] == chapter) & (diffs["a"] == a)
+                        & (diffs["b"] == b) & (diffs["metric"] == m)] if len(diffs) else diffs
+            key = _key(prefix, chapter, a, m.split("/")[-1]) if prefix == "faithful" else \
+                _key(prefix, chapter, a, "vs", b, m.split("/")[-1])
+            out[key] = _pair_text(hit) if len(hit) else "not measured in this build"
+    return out
+
+
 def faithful_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc", "test/auc")) -> dict:
     """Texts for the hand-written "differences from the reference code" page: for every chapter's
     declared (sound, faithful) pair, in the chapter's main run (the run named after its notebook),
-    ``"+0.012 (Holm p 0.41, 3 seeds)"`` per metric (sound − faithful, paired over seeds), else a
-    phrase saying it was not measured in this build. Keys: ``faithful-<chapter>-<sound>-<metric>``
-    (spaces as ``_``, commas dropped), so the page can ``{glue:text}`` every key in every build."""
+    ``"+0.012 (Holm p 0.41, 3 seeds)"`` per metric (sound − faithful, paired over seeds; a tally when
+    the run has several datasets or settings), else a phrase saying it was not measured in this
+    build. Keys: ``faithful-<chapter>-<sound>-<metric>`` (spaces as ``_``, commas dropped), so the
+    page can ``{glue:text}`` every key in every build."""
     chapters = chapters or CHAPTERS
-    out = {}
-    for chapter, spec in chapters.items():
-        for a, bs in spec.faithful.items():
-            for b in bs[:1]:
-                for m in metrics:
-                    hit = diffs[(diffs["chapter"] == chapter) & (diffs["run"] == chapter) & (diffs["a"] == a)
-                                & (diffs["b"] == b) & (diffs["metric"] == m)] if len(diffs) else diffs
-                    key = _key("faithful", chapter, a, m.split("/")[-1])
-                    if len(hit) and np.isfinite(hit["mean_diff"].iloc[0]):
-                        r = hit.iloc[0]
-                        p = f"Holm p {r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else "no test"
-                        out[key] = f"{r['mean_diff']:+.3f} ({p}, {int(r['n_seeds'])} seeds)"
-                    else:
-                        out[key] = "not measured in this build"
-    return out
+    pairs = [(c, a, bs[0]) for c, spec in chapters.items() for a, bs in spec.faithful.items() if bs]
+    return _pairs_glue(diffs, pairs, metrics, "faithful")
+
+
+def headline_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc",)) -> dict:
+    """Texts for the introduction: each chapter's headline pairs (:attr:`Chapter.headline`, the RL
+    method against the control that answers the chapter's question) in its main run, worded as in
+    :func:`faithful_glue`. Keys: ``headline-<chapter>-<method>-vs-<control>-<metric>``."""
+    chapters = chapters or CHAPTERS
+    pairs = [(c, a, b) for c, spec in chapters.items() for a, b in spec.headline]
+    return _pairs_glue(diffs, pairs, metrics, "headline")
 
 
 def for_page(df: pd.DataFrame) -> pd.DataFrame:

@@ -233,7 +233,8 @@ def banner(record: dict) -> str:
     git = record.get("git") or {}
     commit = f"`{str(git.get('commit'))[:7]}`" + (" (uncommitted changes)" if git.get("dirty") else "")
     device = record.get("device") or {}
-    where = "a CUDA GPU" if device.get("cuda") else f"{device.get('cpu_count', '?')} CPU cores"
+    where = (f"GPU {device['gpu']}" if device.get("gpu") else "a CUDA GPU") if device.get("cuda") \
+        else f"{device.get('cpu_count', '?')} CPU cores"
     return (f"````{{admonition}} This run\n:class: note\n"
             f"Run **{record['run_name']}** of `{record['notebook']}`, profile **{record['profile']}**, seeds {seeds}; "
             f"commit {commit}; started {record.get('started_utc', '?')} on {where}, took {record.get('wall_s', 0):.0f} s. Params, provenance and raw "

@@ -11,6 +11,7 @@ import functools
 import http.server
 import json
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -310,14 +311,32 @@ FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "-
          "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
 
 
-@pytest.mark.slow
-def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
-    if os.environ.get("CI"):  # under CI a missing browser is a failure, not a skip
+def _playwright():
+    """playwright's sync API, with Debian's chromium; under CI a missing browser is a failure, else a skip."""
+    if os.environ.get("CI"):
         import playwright.sync_api  # noqa: F401
         assert Path(CHROMIUM).exists(), f"{CHROMIUM} missing under CI: the Makefile's browser target must install it"
     playwright = pytest.importorskip("playwright.sync_api")
     if not Path(CHROMIUM).exists():
         pytest.skip("Debian chromium not installed (apt-get install -y chromium)")
+    return playwright
+
+
+def _stay_local(page, served: str, errors: list) -> None:
+    """Abort and report every request that would leave the machine (the book must be self-contained)."""
+    def route(r):
+        url = r.request.url
+        if url.startswith((served, "data:", "blob:", "about:")):
+            r.continue_()
+        else:
+            errors.append(f"request leaving the machine: {url}")
+            r.abort()
+    page.route("**/*", route)
+
+
+@pytest.mark.slow
+def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
+    playwright = _playwright()
     pages = toc_files(ROOT / "book")
     problems, heights = [], {}
     with playwright.sync_playwright() as p:
@@ -329,6 +348,7 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
             page.on("pageerror", lambda exc, e=errors: e.append(f"page error: {exc}"))
             page.on("requestfailed", lambda r, e=errors: e.append(f"request failed: {r.url}"))
             page.on("response", lambda r, e=errors: e.append(f"HTTP {r.status}: {r.url}") if r.status >= 400 else None)
+            _stay_local(page, served, errors)
             # index.html is only a redirect to the root page (and has no icon link, so Chromium
             # may ask for /favicon.ico there); the pages themselves are checked.
             url = f"{served}/{name}.html"
@@ -348,6 +368,10 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
                 ok = page.evaluate("() => Array.from(document.images).filter(i => i.complete && i.naturalWidth > 0).length")
                 if ok < want_figs:
                     problems.append(f"{name}: expected {want_figs}+ rendered figures, {ok} loaded")
+            if name == "runs/summary/summary":   # the leaderboard is there, with numbers
+                board = page.locator("table", has=page.locator("caption", has_text="Leaderboard")).first
+                if not board.count() or not re.search(r"\b[01]\.\d{3}\b", board.inner_text()):
+                    problems.append(f"{name}: no leaderboard table with numbers")
             if name == "intro":
                 page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise", timeout=10000)
                 page.evaluate("() => MathJax.startup.promise")
@@ -373,6 +397,25 @@ def test_every_page_loads_in_headless_chromium(served, built_book, tmp_path):
     (built_book["root"] / "page_heights.json").write_text(json.dumps(heights, indent=1))
     print("page heights (px):", heights)
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("query, page_name", [("REINFORCE", "runs/nas/nas"), ("APGA", "runs/apga/apga"),
+                                              ("leaderboard", "runs/summary/summary")])
+def test_the_search_page_finds_a_method_by_name(served, built_book, query, page_name):
+    playwright = _playwright()
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)
+        page = browser.new_page()
+        errors = []
+        _stay_local(page, served, errors)
+        page.goto(f"{served}/search.html?q={query}", wait_until="networkidle")
+        page.wait_for_function("() => document.querySelectorAll('#search-results ul.search li').length > 0",
+                               timeout=20000)
+        hits = page.eval_on_selector_all("#search-results ul.search li a", "els => els.map(a => a.getAttribute('href'))")
+        browser.close()
+    assert not errors, errors
+    assert any(h and h.split("?")[0].split("#")[0].endswith(f"{page_name}.html") for h in hits), hits
 
 
 def _notebook_for(params_file: Path) -> Path:

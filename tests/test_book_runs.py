@@ -88,6 +88,7 @@ def test_banner_states_run_profile_seeds_commit_and_command():
     for part in ("**nas**", "**quick**", "seeds 0, 1, 2", "`0123456`", "uncommitted", "2 CPU cores", "took 12 s",
                  "python -m helpers.run notebooks/nas.ipynb params/nas.yaml --profile quick"):
         assert part in text, part
+    assert "on GPU NVIDIA H200" in banner({**rec, "device": {"cuda": True, "gpu": "NVIDIA H200", "cpu_count": 16}})
 
 
 def test_placeholder_without_a_pinned_profile_names_the_books_profile(tmp_path):

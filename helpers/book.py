@@ -366,7 +366,10 @@ def build_html(book: Path | None = None, strict: bool = False) -> Path:
     ensure_mathjax(book / "_assets")
     write_toc(book)
     exe = Path(sys.executable).with_name("jupyter-book")
-    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book),
+    # --all: Sphinx re-renders only the pages whose own source changed, but the hand-written pages
+    # glue numbers from the runs' notebooks (findings, differences, reproducibility), a dependency it
+    # does not track; an incremental build showed the previous build's wall times there.
+    cmd = [str(exe) if exe.exists() else "jupyter-book", "build", str(book), "--all",
            "--config", str(config.repo_root() / "_config.yml"), "--path-output", str(book)]
     if strict:
         cmd += ["-W", "-n", "--keep-going"]

@@ -281,3 +281,15 @@ def test_published_runs_hold_no_weights_data_or_per_sample_arrays():
     assert not bad
     for page in folder.glob("*/*/page.ipynb"):
         assert nbformat.read(page, as_version=4).metadata["rlmed"]["published"]
+
+
+def test_every_build_rerenders_every_page_so_glued_numbers_are_never_stale(tmp_path, monkeypatch):
+    """Hand-written pages glue numbers from the runs' notebooks, a dependency Sphinx does not track:
+    an incremental build kept the previous build's numbers there, so every build renders all pages."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(book_mod, "ensure_mathjax", lambda folder: None)
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
+    book_mod.build_html(_book(tmp_path, "root: intro\nruns: []\n"))
+    assert len(calls) == 1 and calls[0][1] == "build" and "--all" in calls[0]

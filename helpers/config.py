@@ -122,6 +122,8 @@ def check_keys(given: Iterable[str], valid: Iterable[str], source: str) -> None:
 #: Params that hold a config group: its keys and types are those of the dataclass (``module:Class``),
 #: whose field defaults are the defaults; the notebook's value lists only what differs from them.
 GROUP_SCHEMAS = {"fit": "helpers.train:FitConfig", "champion": "helpers.train:FitConfig",
+                 "pretrain": "helpers.train:FitConfig", "expert_fit": "helpers.train:FitConfig",
+                 "combiner_fit": "helpers.train:FitConfig",
                  "controller": "helpers.nas.search:ControllerConfig", "child": "helpers.nas.search:ChildConfig"}
 
 _ANNOTATION_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "list": list, "dict": dict,

@@ -40,3 +40,20 @@ def test_data_pipeline_benchmark_reports_both_pipelines(shared_data, capsys):
     assert [r["pipeline"] for r in out["runs"]][-1] == "helpers"
     assert set(out["ratio_helpers_over_medmnist"]) and all(v > 0 for v in out["ratio_helpers_over_medmnist"].values())
     assert "ratio helpers /" in capsys.readouterr().out
+
+
+def test_cpu_amp_benchmark_reports_both_precisions(capsys):
+    out = _script("cpu_amp").main(["--models", "cnn", "--steps", "2", "--rounds", "1", "--no-fit"])
+    (row,) = out["speed"]
+    assert row["fp32_img_s"] > 0 and row["bf16_img_s"] > 0
+    assert row["ratio"] == pytest.approx(row["bf16_img_s"] / row["fp32_img_s"])
+    assert "bf16/fp32" in capsys.readouterr().out and out["fit"] == []
+
+
+@pytest.mark.slow
+def test_cpu_amp_benchmark_trains_alike_in_both_precisions(shared_data):
+    out = _script("cpu_amp").main(["--models", "cnn", "--steps", "1", "--rounds", "1", "--data-root",
+                                   str(shared_data), "--max-train", "400", "--epochs", "2"])
+    fp32, bf16 = out["fit"]
+    assert (fp32["mode"], bf16["mode"]) == ("fp32", "bf16")
+    assert abs(fp32["val/auc"] - bf16["val/auc"]) < 0.05   # bf16 changes the numbers a little, not the model

@@ -670,3 +670,15 @@ def test_a_notebook_edit_re_executes_the_page_but_keeps_its_units(tmp_path, book
     assert "[skip]" not in out and "[new ]" not in out            # re-executed, nothing set aside
     assert second["inputs_sha256"] != first["inputs_sha256"] and second["params_sha256"] == first["params_sha256"]
     assert (book / "results" / "unitnb" / "r" / "unit.txt").read_text() == "1"
+
+
+@pytest.mark.parametrize("notebook, bad, match", [
+    ("apga", {"pretrain": {"epoch": 3}}, r"group 'pretrain', FitConfig\):\n  unknown key 'epoch' \(did you mean 'epochs'"),
+    ("apga", {"pretrain": {"cpu_amp": "yes"}}, r"'pretrain.cpu_amp' must be bool"),
+    ("ensemble", {"expert_fit": {"lr": "1e-4"}}, r"'expert_fit.lr' must be a number"),
+    ("ensemble", {"combiner_fit": {"shedule": "cosine"}}, r"group 'combiner_fit', FitConfig\):\n  unknown key 'shedule' \(did you mean 'schedule'"),
+])
+def test_every_fit_group_of_the_chapters_is_a_checked_fit_config(tmp_path, notebook, bad, match):
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ParamsError, match=match):
+        run.resolve(root / "notebooks" / f"{notebook}.ipynb", write_params(tmp_path / "bad.yaml", bad), "smoke")

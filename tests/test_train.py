@@ -391,3 +391,32 @@ def test_fit_config_from_params():
 def test_unknown_monitor_is_refused(splits):
     with pytest.raises(ParamsError, match="val/auroc"):
         fit(model_for(), *loaders(splits), BINARY, cfg(epochs=1, monitor="val/auroc"))
+
+
+class _DtypeProbe(Hook):
+    """Records the dtype of the model's logits in training (``on_batch_end``)."""
+
+    def __init__(self):
+        self.train_dtypes = set()
+
+    def on_batch_end(self, x, y, logits, loss_per_sample):
+        self.train_dtypes.add(logits.dtype)
+
+
+@pytest.mark.parametrize("cpu_amp,expected", [(False, torch.float32), (True, torch.bfloat16)])
+def test_cpu_amp_runs_the_training_forward_in_bf16_and_evaluates_in_fp32(splits, cpu_amp, expected):
+    probe = _DtypeProbe()
+    model = model_for()
+    seen = []
+    model.register_forward_hook(lambda m, i, o: seen.append((m.training, o.dtype)))
+    res = fit(model, *loaders(splits), BINARY, cfg(epochs=3, cpu_amp=cpu_amp), hooks=[probe])
+    assert probe.train_dtypes == {expected}
+    assert {d for training, d in seen if not training} == {torch.float32}   # selection is scored in fp32
+    assert res.history["val/acc"].max() >= 0.95                          # and it learns either way
+    assert res.history["train/loss"].iloc[-1] < res.history["train/loss"].iloc[0]
+
+
+def test_cpu_amp_is_a_checked_fit_field():
+    assert FitConfig.from_params({"cpu_amp": True}).cpu_amp is True
+    with pytest.raises(ParamsError, match="cpu_amp"):
+        FitConfig.from_params({"cpu_amp": "yes"})

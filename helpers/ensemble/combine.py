@@ -230,7 +230,7 @@ class Trajectory(Hook):
 def _fit_cfg(cfg: FitConfig) -> FitConfig:
     """A combiner's fit config: selection on val loss, CPU-friendly formats, no progress output."""
     from dataclasses import replace
-    return replace(cfg, monitor="val/loss", mode="min", channels_last=False, amp=False, progress="none")
+    return replace(cfg, monitor="val/loss", mode="min", channels_last=False, amp=False, cpu_amp=False, progress="none")
 
 
 def average(stack: ScoreStack, split: str) -> np.ndarray:

@@ -89,13 +89,37 @@ def results_dir(notebook: str, run_name: str, override: str | os.PathLike | None
     return (book or book_dir()) / "results" / Path(notebook).stem / run_name
 
 
+class Replace(dict):
+    """A mapping written ``!replace {...}`` in a params file: it replaces the value of a lower layer
+    whole instead of merging into it. For a model's keyword arguments when a profile changes the
+    model (``expert_kwargs: !replace {small_input: true}``), or to mean "the model's own defaults"
+    (``member_kwargs: !replace {}``): a plain mapping would keep every default key it does not name."""
+
+
+class _ParamsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads the ``!replace`` tag (:class:`Replace`)."""
+
+
+_ParamsLoader.add_constructor("!replace", lambda loader, node: Replace(loader.construct_mapping(node, deep=True)))
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every :class:`Replace` turned into a plain dict (deep copies throughout)."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    return copy.deepcopy(value)
+
+
 def load_yaml(path: str | os.PathLike) -> dict:
-    """Read a YAML mapping; a missing or malformed file raises :class:`ParamsError` naming it."""
+    """Read a YAML mapping (with the ``!replace`` tag, :class:`Replace`); a missing or malformed
+    file raises :class:`ParamsError` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.load(path.read_text(), Loader=_ParamsLoader) or {}
     except yaml.YAMLError as exc:
         raise ParamsError(f"params file {path} is not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
@@ -230,7 +254,8 @@ def check_value(key: str, value: Any, default: Any, source: str, spec: Mapping[s
         want = " or ".join(_type_name(t) for t in expected)
         fix = f" Fix: write it as a list, e.g. {key}: [{_describe(value)}]." if list in expected and not isinstance(value, list) else ""
         raise ParamsError(f"{source}: '{key}' must be {want}, got {type(value).__name__} {_describe(value)}.{fix}")
-    if isinstance(value, dict) and isinstance(default, dict) and default and not spec.get("open"):
+    if isinstance(value, dict) and isinstance(default, dict) and default and not spec.get("open") \
+            and not isinstance(value, Replace):   # a replacement is not checked against what it replaces
         check_keys(value, default, f"{source} (group '{key}')")
         for k, v in value.items():
             check_value(f"{key}.{k}", v, default[k], source)
@@ -240,10 +265,12 @@ def check_value(key: str, value: Any, default: Any, source: str, spec: Mapping[s
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict:
-    """``base`` updated by ``over``; where both hold a mapping under a key, merged recursively."""
+    """``base`` updated by ``over``; where both hold a mapping under a key, merged recursively,
+    unless ``over``'s is a :class:`Replace` (``!replace`` in YAML), which is taken as it is."""
     out = copy.deepcopy(dict(base))
     for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+        merge = isinstance(v, dict) and not isinstance(v, Replace) and isinstance(out.get(k), dict)
+        out[k] = deep_merge(out[k], v) if merge else plain(v)
     return out
 
 
@@ -261,7 +288,8 @@ def merge_params(
     ``defaults`` are the notebook's parameters (``specs`` their annotations, see
     :func:`check_value`); ``shared_layers`` (global file, profile file) only set keys the notebook
     declares; ``run_params`` may hold a ``profiles`` mapping whose entry for ``profile`` is
-    applied last. Dict-valued params merge deeply. Returns a new dict.
+    applied last. Dict-valued params merge deeply, except where a layer writes ``!replace``
+    (:class:`Replace`). Returns a new dict of plain values.
     """
     specs = specs or {}
     merged = copy.deepcopy(dict(defaults))
@@ -270,7 +298,7 @@ def merge_params(
     def apply(layer: Mapping[str, Any], where: str) -> None:
         for k, v in layer.items():
             check_value(k, v, defaults[k], where, specs.get(k))
-            merged[k] = deep_merge(merged[k], v) if isinstance(v, dict) and isinstance(merged.get(k), dict) else copy.deepcopy(v)
+            merged[k] = deep_merge({k: merged.get(k)}, {k: v})[k]
 
     shared_layers = list(shared_layers)
     names = list(layer_sources or [f"shared params layer {i + 1}" for i in range(len(shared_layers))])

@@ -126,6 +126,7 @@ def _strategy_names() -> list[str]:
 
 
 NAME_CHECKS = {"model": ("model", _model_names), "models": ("model", _model_names),
+               "member_model": ("model", _model_names), "expert_model": ("model", _model_names),
                "flag": ("MedMNIST 2D flag", _flag_names), "flags": ("MedMNIST 2D flag", _flag_names),
                "strategies": ("search strategy", _strategy_names)}
 
@@ -143,7 +144,7 @@ def check_names(params: dict, source: str) -> None:
         for name in given:
             if not isinstance(name, str):
                 raise config.ParamsError(f"{source}: '{key}' holds {name!r}; it must name a {what}")
-            if key.startswith("model") and name.startswith("timm/"):
+            if what == "model" and name.startswith("timm/"):
                 import timm
                 if timm.is_model(name[5:]):
                     continue
@@ -153,7 +154,53 @@ def check_names(params: dict, source: str) -> None:
                 close = difflib.get_close_matches(name, valid, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise config.ParamsError(f"{source}: '{key}' names unknown {what} '{name}'{hint}. "
-                                         f"Valid: {', '.join(valid)}" + (", or timm/<name>" if key.startswith("model") else ""))
+                                         f"Valid: {', '.join(valid)}" + (", or timm/<name>" if what == "model" else ""))
+
+
+def _kwargs_pairs(params: dict) -> list[tuple[str, str, dict]]:
+    """(kwargs key, model name, kwargs) for every ``<x>_kwargs`` param beside the model it is for:
+    ``<x>_model`` or ``<x>`` naming one model, or ``<x>s`` listing models, whose kwargs are then a
+    map from model name to kwargs (e.g. the baselines' ``model_kwargs``)."""
+    pairs = []
+    for key, kwargs in params.items():
+        if not key.endswith("_kwargs") or not isinstance(kwargs, dict):
+            continue
+        stem = key[: -len("_kwargs")]
+        model = params.get(f"{stem}_model", params.get(stem))
+        if isinstance(model, str):
+            pairs.append((key, model, kwargs))
+        elif isinstance(params.get(f"{stem}s"), list):
+            pairs += [(f"{key}.{m}", m, kwargs[m]) for m in params[f"{stem}s"]
+                      if isinstance(m, str) and isinstance(kwargs.get(m), dict)]
+    return pairs
+
+
+def check_model_kwargs(params: dict, source: str) -> None:
+    """Refuse, before anything runs, keyword arguments that the model they are for does not take
+    (e.g. a small DenseNet's ``growth_rate`` left beside ``densenet121``). Each model is built once on
+    PyTorch's ``meta`` device (no memory, no weights); only a ``TypeError`` about its arguments is
+    reported here, anything else is left to the run."""
+    import torch
+
+    from .models import create_model
+
+    for key, model, kwargs in _kwargs_pairs(params):
+        try:
+            with torch.device("meta"):
+                create_model(model, num_classes=2, in_chans=1, **kwargs)
+        except TypeError as exc:
+            if "argument" not in str(exc):
+                continue
+            raise config.ParamsError(f"{source}: '{key}' holds {_short(kwargs)}, which {model} does not take: {exc}. "
+                                     f"Fix: give only its own options; when a profile swaps the model, write "
+                                     f"{key.split('.')[0]}: !replace {{...}} so the other model's keys are not merged in.") from None
+        except Exception:   # noqa: BLE001 - not an argument error: the run reports it where it happens
+            continue
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, profile: str) -> dict:
@@ -175,6 +222,7 @@ def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, 
     params = config.merge_params(defaults, run_params, profile, shared, source=source, specs=specs,
                                  layer_sources=names)
     check_names(params, source)
+    check_model_kwargs(params, source)
     return params
 
 

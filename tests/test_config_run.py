@@ -682,3 +682,46 @@ def test_every_fit_group_of_the_chapters_is_a_checked_fit_config(tmp_path, noteb
     root = Path(__file__).resolve().parents[1]
     with pytest.raises(ParamsError, match=match):
         run.resolve(root / "notebooks" / f"{notebook}.ipynb", write_params(tmp_path / "bad.yaml", bad), "smoke")
+
+
+def test_the_ensemble_full_profile_builds_the_reference_models():
+    root = Path(__file__).resolve().parents[1]
+    for params in ("ensemble", "ensemble_organamnist"):
+        p = run.resolve(root / "notebooks" / "ensemble.ipynb", root / "params" / f"{params}.yaml", "full")
+        assert p["member_kwargs"] == {} and p["expert_kwargs"] == {"small_input": True}
+        assert p["expert_model"] == "densenet121" and p["fit"]["cpu_amp"] is True
+
+
+def test_replace_tag_replaces_a_mapping_whole(tmp_path):
+    defaults = {"fit": {"epochs": 1, "lr": 0.1}, "member_kwargs": {"widths": [8], "stem_width": 4},
+                "agent": {"model": "unet_small", "kwargs": {"widths": [8, 16]}}}
+    path = tmp_path / "p.yaml"
+    path.write_text("fit: {epochs: 5}\nmember_kwargs: !replace {}\n"
+                    "agent: {model: smp_unet, kwargs: !replace {encoder: vgg11}}\n"
+                    "profiles:\n  quick:\n    member_kwargs: {widths: [16]}\n")
+    params = config.load_yaml(path)
+    out = merge_params(defaults, params)
+    assert out["fit"] == {"epochs": 5, "lr": 0.1}                          # a plain mapping merges deeply
+    assert out["member_kwargs"] == {} and type(out["member_kwargs"]) is dict   # !replace {}: nothing kept
+    assert out["agent"] == {"model": "smp_unet", "kwargs": {"encoder": "vgg11"}}   # no widths leak into vgg11
+    assert merge_params(defaults, params, profile="quick")["member_kwargs"] == {"widths": [16]}   # merged into {}
+    assert yaml.safe_dump(out)                                             # stored params stay plain YAML
+
+
+@pytest.mark.parametrize("override, match", [
+    # a plain mapping merges into the small DenseNet's defaults: growth_rate reaches densenet121
+    ({"expert_model": "densenet121", "expert_kwargs": {"small_input": True}},
+     r"'expert_kwargs' holds .*growth_rate.*which densenet121 does not take.*!replace"),
+    ({"member_kwargs": {"widht": [8]}}, r"'member_kwargs' holds .*which seresnet_mura does not take.*widht"),
+])
+def test_model_kwargs_a_model_does_not_take_fail_before_anything_runs(tmp_path, override, match):
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(ParamsError, match=match):
+        run.resolve(root / "notebooks" / "ensemble.ipynb", write_params(tmp_path / "bad.yaml", override), "smoke")
+
+
+def test_the_per_model_kwargs_map_of_the_baselines_is_checked_per_model(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    bad = {"models": ["cnn", "densenet121"], "model_kwargs": {"densenet121": {"small_inputs": True}}}
+    with pytest.raises(ParamsError, match=r"'model_kwargs.densenet121' holds .*small_inputs"):
+        run.resolve(root / "notebooks" / "baselines.ipynb", write_params(tmp_path / "bad.yaml", bad), "smoke")

@@ -160,8 +160,10 @@ def check_names(params: dict, source: str) -> None:
 def _kwargs_pairs(params: dict) -> list[tuple[str, str, dict]]:
     """(kwargs key, model name, kwargs) for every ``<x>_kwargs`` param beside the model it is for:
     ``<x>_model`` or ``<x>`` naming one model, or ``<x>s`` listing models, whose kwargs are then a
-    map from model name to kwargs (e.g. the baselines' ``model_kwargs``)."""
-    pairs = []
+    map from model name to kwargs (e.g. the baselines' ``model_kwargs``); and every mapping param
+    holding a ``model`` name beside its ``kwargs`` (e.g. the APGA agents)."""
+    pairs = [(f"{key}.kwargs", v["model"], v["kwargs"]) for key, v in params.items()
+             if isinstance(v, dict) and isinstance(v.get("model"), str) and isinstance(v.get("kwargs"), dict)]
     for key, kwargs in params.items():
         if not key.endswith("_kwargs") or not isinstance(kwargs, dict):
             continue

@@ -725,3 +725,11 @@ def test_the_per_model_kwargs_map_of_the_baselines_is_checked_per_model(tmp_path
     bad = {"models": ["cnn", "densenet121"], "model_kwargs": {"densenet121": {"small_inputs": True}}}
     with pytest.raises(ParamsError, match=r"'model_kwargs.densenet121' holds .*small_inputs"):
         run.resolve(root / "notebooks" / "baselines.ipynb", write_params(tmp_path / "bad.yaml", bad), "smoke")
+
+
+def test_an_agents_kwargs_are_checked_against_its_model(tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "bad.yaml"   # !replace: not checked against the keys it replaces, so the model checks it
+    bad.write_text("agent_small: {model: unet_small, kwargs: !replace {encoder: vgg11}}\n")   # smp_unet's option
+    with pytest.raises(ParamsError, match=r"'agent_small.kwargs' holds .*which unet_small does not take"):
+        run.resolve(root / "notebooks" / "apga.ipynb", bad, "smoke")

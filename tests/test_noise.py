@@ -303,3 +303,28 @@ def test_overhead_benchmark_reports_every_setting_against_plain(capsys):
     assert set(out["ratio_to_plain"]) == {"plain", "random", "policy", "faithful"}
     assert out["ratio_to_plain"]["plain"] == 1.0 and all(v > 0 for v in out["seconds_per_step"].values())
     assert "x plain" in capsys.readouterr().out
+
+
+def test_an_outlier_cannot_drive_a_concentration_to_zero_and_nan_stops_the_run():
+    from helpers.noise.policy import LOG_CONC_BOUND
+    from helpers.train import NonFiniteLossError
+
+    torch.manual_seed(0)
+    pol = _policy(grid=3).eval()
+    x = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        pol.head_a[-1].bias.fill_(-2000.0)      # what an unbounded head did on the full profile: exp(-200) = 0
+        pol.head_b[-1].bias.fill_(2000.0)
+    dist = pol(x)                                 # a Beta accepts it
+    lo, hi = np.exp(-LOG_CONC_BOUND), np.exp(LOG_CONC_BOUND)
+    assert torch.all(dist.concentration1 >= lo * 0.999) and torch.all(dist.concentration0 <= hi * 1.001)
+    assert torch.isfinite(dist.log_prob(dist.sample())).all()
+    with torch.no_grad():                         # within the policies' usual range the bound is near the identity
+        pol.head_a[-1].bias.zero_()
+        pol.head_b[-1].bias.zero_()
+        a, _ = pol.log_concentrations(x)
+        log_a = pol(x).concentration1.log()
+    assert torch.allclose(log_a, LOG_CONC_BOUND * torch.tanh(a / LOG_CONC_BOUND))
+    assert float((log_a - a).abs().max()) < 0.05 * max(1.0, float(a.abs().max()))
+    with pytest.raises(NonFiniteLossError, match="policy.lr"):
+        pol(torch.full((2, 1, 16, 16), float("nan")))

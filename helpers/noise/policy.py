@@ -11,6 +11,12 @@ each head's output is blended with a running unconditional average::
 ``b_a`` and ``b_b`` start ``U(0, 1)``. The unconditional distribution ``Beta(exp b_a, exp b_b)`` is
 what the reference validates with. Samples are drawn with ``sample()`` (no reparameterisation), so
 the policy learns only through log-probabilities.
+
+One guard the reference lacks: the log-concentrations pass through a soft bound
+``B * tanh(a~ / B)`` (``B`` = :data:`LOG_CONC_BOUND` = 6, concentrations within ``[e^-6, e^6]``;
+the identity within a few percent for ``|a~| < 2``, where the policies here live). Unbounded, one
+outlier image drove a ``resnet10t`` policy's head to ``exp(a~) = 0`` on the full profile, which no
+Beta accepts; a non-finite output still stops the run with :class:`helpers.train.NonFiniteLossError`.
 """
 from __future__ import annotations
 
@@ -20,7 +26,20 @@ from torch.distributions import Beta
 
 from ..models import create_model
 
-__all__ = ["NoisePolicy", "policy_from_config", "RandomBetaMasks", "encoder", "beta_for_mean"]
+__all__ = ["NoisePolicy", "policy_from_config", "RandomBetaMasks", "encoder", "beta_for_mean", "LOG_CONC_BOUND"]
+
+#: Soft bound of the policy's log-concentrations (see the module docstring).
+LOG_CONC_BOUND = 6.0
+
+
+def _bounded(t: torch.Tensor, what: str) -> torch.Tensor:
+    """``LOG_CONC_BOUND * tanh(t / LOG_CONC_BOUND)``; a non-finite ``t`` raises NonFiniteLossError."""
+    if not torch.isfinite(t).all():
+        from ..train import NonFiniteLossError
+
+        raise NonFiniteLossError(f"the noise policy's {what} log-concentrations are not finite (NaN or inf). Fix: lower "
+                                 f"policy.lr, or check the inputs for NaN. The last finished epoch is kept in the checkpoint.")
+    return LOG_CONC_BOUND * torch.tanh(t / LOG_CONC_BOUND)
 
 
 def encoder(name: str, in_chans: int, kwargs: dict | None = None, features: int = 128) -> tuple[nn.Module, int]:
@@ -87,11 +106,11 @@ class NoisePolicy(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Beta:
         a, b = self.log_concentrations(x)
-        return Beta(a.exp(), b.exp())
+        return Beta(_bounded(a, "alpha").exp(), _bounded(b, "beta").exp())
 
     def unconditional(self) -> Beta:
         """``Beta(exp b_a, exp b_b)``, shape ``(1, G*G)``: what the reference validates with."""
-        return Beta(self.run_a.exp(), self.run_b.exp())
+        return Beta(_bounded(self.run_a, "running alpha").exp(), _bounded(self.run_b, "running beta").exp())
 
 
 def beta_for_mean(mean: float, concentration: float) -> tuple[float, float]:

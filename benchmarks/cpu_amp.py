@@ -35,7 +35,7 @@ from helpers.train import FitConfig, make_optimizer, train_one_epoch  # noqa: E4
 # name -> (registry model, classes, channels, batch, kwargs): each as a full profile trains it
 MODELS = {
     "cnn": ("cnn", 11, 1, 128, {"widths": [32, 64, 128]}),           # folds (full)
-    "resnet": ("resnet", 17, 3, 128, {}),                           # noise (full): 3 channels, joint labels
+    "resnet": ("resnet", 20, 3, 128, {}),                           # noise (full): 3 channels, the 20 joint labels
     "seresnet": ("seresnet_mura", 2, 1, 32, {}),                    # ensemble members (full)
     "densenet121": ("densenet121", 2, 1, 32, {"small_input": True}),  # ensemble expert (full)
 }

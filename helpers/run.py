@@ -193,16 +193,11 @@ def check_model_kwargs(params: dict, source: str) -> None:
         except TypeError as exc:
             if "argument" not in str(exc):
                 continue
-            raise config.ParamsError(f"{source}: '{key}' holds {_short(kwargs)}, which {model} does not take: {exc}. "
+            raise config.ParamsError(f"{source}: '{key}' holds {config._describe(kwargs)}, which {model} does not take: {exc}. "
                                      f"Fix: give only its own options; when a profile swaps the model, write "
                                      f"{key.split('.')[0]}: !replace {{...}} so the other model's keys are not merged in.") from None
         except Exception:   # noqa: BLE001 - not an argument error: the run reports it where it happens
             continue
-
-
-def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def resolve(notebook: str | os.PathLike, params_file: str | os.PathLike | None, profile: str) -> dict:

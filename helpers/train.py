@@ -66,7 +66,7 @@ class FitConfig:
     monitor: str = "val/auc"            # selection metric, always on the validation split
     mode: str = "auto"                  # max | min | auto (min for losses)
     amp: bool = True                    # bf16 autocast on CUDA (training and evaluation); ignored on CPU
-    cpu_amp: bool = False               # bf16 autocast of the training step on CPU too (AMX: 1.7-2x faster convs;
+    cpu_amp: bool = False               # bf16 autocast of the training step on CPU too (AMX: 1.2-1.8x faster here;
                                         # benchmarks/cpu_amp.py); evaluation stays fp32. It changes the numbers: off
                                         # unless a profile asks (the full profiles do, as a GPU run is bf16 too)
     label_smoothing: float = 0.0

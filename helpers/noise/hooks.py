@@ -16,8 +16,9 @@ forward pass) and learns from the classifier's per-sample loss in ``on_batch_end
 Every epoch it logs ``rl/reward``, ``rl/baseline``, ``rl/advantage``, ``rl/entropy`` and the masks'
 ``noise/mask_mean``, ``noise/mask_std`` and ``noise/concentration`` (mean ``a + b``); ``trace``
 keeps the same per batch for the reward curves, and travels in the hook's checkpointed state (a unit
-restored from a finished checkpoint still has it). Phase 2's linear LR warm-up and the reference's checkpoint weight averaging are the shared
-hooks :class:`helpers.hooks.LinearWarmup` and :class:`helpers.hooks.WeightAveraging`;
+restored from a finished checkpoint still has it). Phase 2's linear LR warm-up and the reference's
+checkpoint weight averaging are the shared hooks :class:`helpers.hooks.LinearWarmup` and
+:class:`helpers.hooks.WeightAveraging`;
 :class:`UnconditionalValidation` scores phase 1's val under unconditional masks, as the reference does.
 """
 from __future__ import annotations

@@ -14,8 +14,9 @@ that puts every run after the runs it needs. Adding a chapter is one notebook, o
 one entry in ``_runs.yml``.
 
 A long (``on_demand``) run that has not been made on this machine is shown from ``book/published/``
-when it was published there (tracked in git: its executed page and small results, never weights,
-checkpoints, data or per-sample scores), and otherwise as a placeholder giving the command.
+when it was published there (tracked in git: its executed page and small results, its final models'
+per-sample test scores, and their calibration and robustness computed at publishing where the
+weights were; never weights, checkpoints or data), and otherwise as a placeholder giving the command.
 
 Notebooks are executed once, by papermill; jupyter-book only renders them (``execute_notebooks:
 "off"``), so pages and stored results never disagree. MathJax is served from the book itself
@@ -49,6 +50,8 @@ UNPUBLISHED_DIRS = {"scores", "checkpoints"}
 UNPUBLISHED_SUFFIXES = {".npz", ".npy", ".pt", ".pth", ".ckpt", ".pkl", ".svg", ".tmp"}
 #: A published file larger than this is left out (and named when publishing).
 PUBLISH_MAX_BYTES = 2_000_000
+#: The final models' per-sample score files are published up to this total (the rest named as left out).
+PUBLISH_SCORES_MAX_BYTES = 20_000_000
 
 
 def book_spec(book: Path | None = None) -> dict:
@@ -180,18 +183,24 @@ def published_page(entry: dict, published: Path | None = None) -> Path:
 def _published_banner(text: str, stem: str, name: str) -> str:
     where = f"`book/results/{stem}/{name}/`"
     note = (f"`book/published/{stem}/{name}/` (published with the repository: params, provenance, metrics, "
-            f"tables, figures and the training log; per-sample scores and checkpoints stay where it ran)")
+            f"tables, figures, the training log, the final models' test scores, and their calibration and "
+            f"robustness computed at publishing in `derived/`; weights and checkpoints stay where it ran)")
     return text.replace(where, note) if where in text else text
 
 
-def publish(run: str, book: Path | None = None, dest: Path | None = None) -> Path:
+def publish(run: str, book: Path | None = None, dest: Path | None = None, derive: bool = True,
+            robust_max_images: int | None = None, data_root=None) -> Path:
     """Copy a finished run (``name`` or ``<notebook>/<name>``) from ``book`` to ``dest``
     (default :func:`published_dir`), so the book shows it on any clone.
 
     Copied: the executed page (``page.ipynb``, its run box pointing at the published folder) and
     the results folder's small files (params, provenance, metrics, units, histories, tables,
-    PNG figures, logs); never weights, checkpoints, data, per-sample scores or SVG copies of figures.
-    Returns the published folder.
+    PNG figures, logs); never weights, checkpoints, data or SVG copies of figures. With ``derive``
+    (the default), also the per-sample test scores of the run's final models (the summary's
+    :func:`helpers.summary.final_units`, up to :data:`PUBLISH_SCORES_MAX_BYTES`) and, computed here
+    from the weights, their calibration and robustness tables (:mod:`helpers.summary.derived`;
+    every corruption and severity on at most ``robust_max_images`` test images per model, all by
+    default), which the summary reads for a published run. Returns the published folder.
     """
     book = book or config.book_dir()
     entry = _find(planned_runs(book, ordered=False), run, str(book / "_runs.yml"))
@@ -219,6 +228,8 @@ def publish(run: str, book: Path | None = None, dest: Path | None = None) -> Pat
             continue
         (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, tmp / rel)
+    if derive:
+        skipped += _publish_derived(stem, entry["name"], results, tmp, robust_max_images, data_root)
     for cell in nb.cells:
         if "run-banner" in cell.get("metadata", {}).get("tags", []):
             cell.source = _published_banner(cell.source, stem, entry["name"])
@@ -234,6 +245,36 @@ def publish(run: str, book: Path | None = None, dest: Path | None = None) -> Pat
     print(f"[pub ] {_run_id(entry)} -> {target} ({sum(1 for f in target.rglob('*') if f.is_file())} files, "
           f"{size / 1e6:.2f} MB)" + (f"; left out (too large): {', '.join(skipped)}" if skipped else ""))
     return target
+
+
+def _publish_derived(stem: str, name: str, results: Path, tmp: Path, robust_max_images: int | None,
+                     data_root) -> list[str]:
+    """Into ``tmp``: the final models' score files and the derived tables (see :func:`publish`);
+    returns what was left out."""
+    from .results import unit_name
+    from .summary.chapters import RunRef, final_units
+    from .summary.derived import derive_tables, write_tables
+
+    ref = RunRef(stem, name, results, "local")
+    skipped, budget = [], PUBLISH_SCORES_MAX_BYTES
+    for unit in final_units([ref]):
+        src = unit.root / "scores" / f"{unit_name(**unit.keys)}.npz"
+        if not src.is_file() or (tmp / src.relative_to(results)).exists():
+            continue
+        size = src.stat().st_size
+        if size > min(PUBLISH_MAX_BYTES, budget):
+            skipped.append(f"{src.relative_to(results)} ({size / 1e6:.1f} MB)")
+            continue
+        budget -= size
+        (tmp / src.relative_to(results)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp / src.relative_to(results))
+    start = time.perf_counter()
+    tables = derive_tables(ref, max_images=robust_max_images, data_root=data_root)
+    write_tables(tables, tmp)
+    print(f"[pub ] {stem}/{name}: calibration of {len(tables['calibration'])} and robustness of "
+          f"{tables['robustness'].groupby(['method', 'dataset', 'seed']).ngroups if len(tables['robustness']) else 0} "
+          f"final models computed ({len(tables['robustness_skipped'])} skipped) in {time.perf_counter() - start:.0f} s")
+    return skipped
 
 
 def published_provenance(published: Path | None = None):
@@ -390,12 +431,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", metavar="RUN", action="append",
                         help="copy the finished run RUN (a name of book/_runs.yml, e.g. nas_reference) to "
                              "book/published/ and stop; repeatable")
+    parser.add_argument("--robust-max-images", type=int, default=None, metavar="N",
+                        help="with --publish: score robustness on at most N test images per final model "
+                             "(default: all)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         if args.publish:
             for run in args.publish:
-                publish(run)
+                publish(run, robust_max_images=args.robust_max_images)
             return 0
         if not args.no_runs:
             execute_runs(args.profile, force=args.force, on_demand=args.on_demand)

@@ -196,12 +196,31 @@ def test_pages_carry_no_raw_training_log(built_book):
 @pytest.mark.slow
 def test_a_finished_run_publishes_small(built_book, tmp_path):
     """What `python -m helpers.book --publish` adds to the repository: the page and small results."""
-    target = book_mod.publish("nas", built_book["root"], tmp_path)
+    import pandas as pd
+
+    from helpers.summary import CORRUPTIONS, SEVERITIES, calibration_tables, final_units, robustness_rows
+    from helpers.summary.chapters import RunRef
+
+    target = book_mod.publish("nas", built_book["root"], tmp_path, robust_max_images=50)
     files = [p for p in target.rglob("*") if p.is_file()]
     assert (target / "page.ipynb").is_file() and (target / "provenance.json").is_file()
     assert (target / "figures" / "reward_curves.png").is_file() and list((target / "tables").glob("*.csv"))
-    assert not [p for p in files if p.suffix in (".npz", ".pt", ".svg")]
+    assert not [p for p in files if p.suffix in (".pt", ".svg")]
+    npz = [p.relative_to(target).as_posix() for p in files if p.suffix == ".npz"]
+    assert npz and all(p.startswith("champions/scores/") for p in npz)   # the final models' test scores only
     assert sum(p.stat().st_size for p in files) < 5_000_000
+    # computed here, where the weights are: robustness at every corruption and severity, calibration
+    rob = pd.read_csv(target / "derived" / "robustness.csv")
+    assert set(rob["corruption"]) == {"none", *CORRUPTIONS} and set(rob["severity"]) == {0, *SEVERITIES}
+    assert (rob["n"] == 50).all() and (rob["clean_agree"] == 1.0).all()
+    finals = final_units([RunRef("nas", "nas", target, "published")])
+    assert len(pd.read_csv(target / "derived" / "calibration.csv")) == len(finals) == len(npz)
+    # the summary reads them for the published run, whose weights stayed behind
+    assert all(f.weights_missing for f in finals)
+    rows, skipped = robustness_rows(finals, corruptions=("pixelate",), severities=(1, 5))
+    assert skipped.empty and (rows["computed"] == "at publish").all()
+    assert set(zip(rows["corruption"], rows["severity"])) == {("none", 0), ("pixelate", 1), ("pixelate", 5)}
+    assert calibration_tables(finals)[2].empty
 
 
 @pytest.mark.slow

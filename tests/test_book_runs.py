@@ -231,7 +231,7 @@ def test_publish_copies_the_page_and_small_results_only(tmp_path, capsys):
     book = _book(tmp_path, PUBLISHABLE)
     _finished_run(book)
     dest = tmp_path / "published"
-    target = book_mod.publish("nas_ref", book, dest)
+    target = book_mod.publish("nas_ref", book, dest, derive=False)   # fake units: nothing to rebuild
     assert target == dest / "nas" / "nas_ref"
     files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     assert files == {"page.ipynb", "provenance.json", "params.yaml", "metrics.csv", "units/strategy=rl__seed=0.json",
@@ -243,7 +243,7 @@ def test_publish_copies_the_page_and_small_results_only(tmp_path, capsys):
     assert "[pub ]" in capsys.readouterr().out
     nbformat.write(page, book / "runs" / "nas" / "nas_ref.ipynb")    # a published copy shown in the book
     with pytest.raises(book_mod.RunError, match="published copy"):   # is not published again
-        book_mod.publish("nas_ref", book, tmp_path / "elsewhere")
+        book_mod.publish("nas_ref", book, tmp_path / "elsewhere", derive=False)
 
 
 def test_publish_refuses_an_unfinished_run(tmp_path):
@@ -260,7 +260,7 @@ def test_on_demand_run_without_a_local_one_is_shown_from_published(tmp_path):
     _book(made, PUBLISHABLE)
     _finished_run(made)
     dest = tmp_path / "published"
-    book_mod.publish("nas_ref", made, dest)
+    book_mod.publish("nas_ref", made, dest, derive=False)
     fresh = tmp_path / "fresh"          # a fresh clone: no book/runs, no book/results
     fresh.mkdir()
     _book(fresh, PUBLISHABLE)

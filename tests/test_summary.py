@@ -333,6 +333,75 @@ def test_robustness_refuses_a_unit_whose_data_changed(baselines_book):
     assert rows.empty and skipped["why"].str.contains("data changed").all()
 
 
+def _published_copy(local, dest):
+    """``local`` as ``helpers.book.publish`` leaves it without the final models' scores: no weights, no npz."""
+    import shutil
+
+    shutil.copytree(local, dest, ignore=shutil.ignore_patterns("*.npz", "*.pt", "models", "scores"))
+    return dest
+
+
+def test_a_published_run_without_scores_is_calibrated_from_its_derived_tables(fake_book, tmp_path):
+    from helpers.summary import calibration_tables, coverage
+    from helpers.summary.derived import derive_tables, write_tables
+
+    local = fake_book / "results" / "nas" / "nas"
+    tables = derive_tables(ch.RunRef("nas", "nas", local), severities=(1,))
+    assert len(tables["calibration"]) == 9 and len(tables["robustness_skipped"]) == 9   # no weights here
+    pub = _published_copy(local, tmp_path / "pub" / "nas" / "nas")
+    write_tables(tables, pub)
+    local_finals = ch.final_units([ch.RunRef("nas", "nas", local)])
+    pub_finals = ch.final_units([ch.RunRef("nas", "nas", pub, "published")])
+    assert not any(f.has_scores for f in pub_finals)
+    here, there = calibration_tables(local_finals), calibration_tables(pub_finals)
+    assert there[2].empty
+    pd.testing.assert_frame_equal(here[0], there[0], check_dtype=False)
+    pd.testing.assert_frame_equal(here[1], there[1], check_dtype=False)
+    assert calibration_tables(pub_finals, bins=10)[2]["why"].str.contains("published with 15 bins").all()
+    assert coverage(pub_finals, [ch.RunRef("nas", "nas", pub, "published")])["with scores"].iloc[0] == 9
+    # a local unit never reads a derived table, even when one lies beside it
+    write_tables(tables, local)
+    assert not len(local_finals[0].published_rows("calibration"))
+
+
+def test_a_published_runs_robustness_is_read_from_the_rows_computed_at_publishing(baselines_book, tmp_path):
+    from helpers.models import create_model
+    from helpers.summary import coverage, robustness_rows
+    from helpers.summary.derived import derive_tables, write_tables
+    from helpers.summary.robustness import predict_probs
+
+    book, rec = baselines_book
+    (rec.root / "params.yaml").write_text("size: 28\nmodel_kwargs: {cnn: {widths: [8, 16]}}\n")
+    from helpers import data as data_mod
+
+    split = data_mod.load("breastmnist", 28, splits=("test",))["test"]
+    index = np.arange(0, len(split), 5)
+    torch.manual_seed(1)
+    model = create_model("cnn", num_classes=2, in_chans=1, widths=[8, 16]).eval()
+    keys = {"flag": "breastmnist", "model": "cnn", "seed": 0}
+    probs = predict_probs([model], split.images[torch.as_tensor(index)], "binary-class")
+    rec.save_model(keys, model.state_dict())
+    rec.save_unit(keys, {"test/acc": 0.5}, scores={"test_scores": probs, "test_labels": split.labels.numpy()[index],
+                                                    "test_index": index})
+    run = ch.RunRef("baselines", "baselines", rec.root)
+    tables = derive_tables(run, corruptions=("gaussian_blur", "jpeg"), severities=(2, 4), max_images=40)
+    pub = _published_copy(rec.root, tmp_path / "pub" / "baselines" / "baselines")
+    write_tables(tables, pub)
+    pub_run = ch.RunRef("baselines", "baselines", pub, "published")
+    finals = ch.final_units([pub_run])
+    assert finals[0].weights_missing
+    here, _ = robustness_rows(ch.final_units([run]), corruptions=("gaussian_blur", "jpeg"), severities=(2, 4),
+                              max_images=40)
+    there, skipped = robustness_rows(finals, corruptions=("jpeg", "pixelate"), severities=(4,))
+    assert skipped.empty and (there["computed"] == "at publish").all() and (here["computed"] == "here").all()
+    # the requested corruptions and severities that were computed: jpeg at 4 (and clean); no pixelate
+    assert set(zip(there["corruption"], there["severity"])) == {("none", 0), ("jpeg", 4)}
+    want = here[here["corruption"].isin(["none", "jpeg"]) & here["severity"].isin([0, 4])]
+    assert np.allclose(there["acc"].to_numpy(), want["acc"].to_numpy())
+    cover = coverage(finals, [pub_run]).iloc[0]
+    assert cover["robustness at publish"] == 1 and cover["rebuildable"] == 0 and cover["why not"] == "–"
+
+
 # ---- declared facts against the chapters' own ----------------------------------------------------
 def test_declared_controls_are_the_chapters_own():
     from helpers.apga.protocol import CONTROLS as APGA_CONTROLS, METHODS as APGA_METHODS

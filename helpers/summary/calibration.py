@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-__all__ = ["DEFAULT_BINS", "as_probabilities", "reliability", "ece", "calibration_tables"]
+__all__ = ["DEFAULT_BINS", "as_probabilities", "reliability", "ece", "calibration_units", "calibration_tables"]
 
 DEFAULT_BINS = 15
 
@@ -69,19 +69,29 @@ def ece(scores, labels, bins: int = DEFAULT_BINS) -> float:
     return float((full["n"] / total * (full["accuracy"] - full["confidence"]).abs()).sum())
 
 
-def calibration_tables(finals, bins: int = DEFAULT_BINS) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """ECE of every final unit with stored test scores, and reliability data pooled over seeds.
+UNIT_COLUMNS = ["chapter", "run", "dataset", "method", "role", "seed"]
 
-    Returns ``(per_unit, diagram, skipped)``: one row per unit (``chapter, run, dataset, method,
-    role, seed, n, ece``, with ``test/acc`` for reference); one row per (run, dataset, method, bin)
-    with the counts, mean confidence and accuracy of the seeds' images pooled; and the units left
-    out with the reason (no stored scores, or scores that are not class probabilities)."""
+
+def calibration_units(finals, bins: int = DEFAULT_BINS) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """ECE and reliability bins of every final unit with stored test scores, one unit at a time.
+
+    Returns ``(per_unit, unit_bins, skipped)``: one row per unit (``chapter, run, dataset, method,
+    role, seed, n, ece``, with ``test/acc`` for reference); one row per (unit, bin) (:func:`reliability`);
+    and the units left out with the reason (no stored scores, or scores that are not class
+    probabilities). A published unit without its scores on disk is read from the tables computed
+    when its run was published (``derived/``, :mod:`.derived`), when they have ``bins`` bins."""
     per_unit, bins_rows, skipped = [], [], []
     for f in finals:
         base = {"chapter": f.chapter, "run": f.run, "dataset": f.dataset, "method": f.method, "role": f.role,
                 "seed": f.seed}
         if not f.has_scores:
-            skipped.append({**base, "why": "no per-sample scores stored"})
+            row, table = f.published_rows("calibration"), f.published_rows("reliability")
+            if len(row) and len(table) == bins:
+                per_unit.append({**base, **{k: row.iloc[0][k] for k in ("n", "ece", "test/acc")}})
+                bins_rows.append(table.assign(**base))
+            else:
+                skipped.append({**base, "why": "no per-sample scores stored" if not len(row) else
+                                f"published with {len(table)} bins, not {bins}"})
             continue
         sc = f.scores()
         try:
@@ -93,18 +103,27 @@ def calibration_tables(finals, bins: int = DEFAULT_BINS) -> tuple[pd.DataFrame, 
         full = table[table["n"] > 0]
         value = float((full["n"] / n * (full["accuracy"] - full["confidence"]).abs()).sum()) if n else np.nan
         per_unit.append({**base, "n": n, "ece": value, "test/acc": f.metrics.get("test/acc", np.nan)})
-        bins_rows.append(table.assign(**base, right=table["accuracy"].fillna(0) * table["n"],
-                                      conf_sum=table["confidence"].fillna(0) * table["n"]))
-    cols = ["chapter", "run", "dataset", "method", "role", "seed"]
-    per = pd.DataFrame(per_unit, columns=[*cols, "n", "ece", "test/acc"])
-    if bins_rows:
-        allb = pd.concat(bins_rows, ignore_index=True)
-        g = allb.groupby(["chapter", "run", "dataset", "method", "role", "bin", "lo", "hi"], sort=False)
-        diagram = g[["n", "right", "conf_sum"]].sum().reset_index()
-        diagram["accuracy"] = diagram["right"] / diagram["n"].where(diagram["n"] > 0)
-        diagram["confidence"] = diagram["conf_sum"] / diagram["n"].where(diagram["n"] > 0)
-        diagram = diagram.drop(columns=["right", "conf_sum"])
-    else:
-        diagram = pd.DataFrame(columns=["chapter", "run", "dataset", "method", "role", "bin", "lo", "hi", "n",
-                                        "accuracy", "confidence"])
-    return per, diagram, pd.DataFrame(skipped, columns=[*cols, "why"])
+        bins_rows.append(table.assign(**base))
+    bin_cols = ["bin", "lo", "hi", "n", "confidence", "accuracy", "gap"]
+    unit_bins = pd.concat(bins_rows, ignore_index=True)[[*UNIT_COLUMNS, *bin_cols]] if bins_rows else \
+        pd.DataFrame(columns=[*UNIT_COLUMNS, *bin_cols])
+    return (pd.DataFrame(per_unit, columns=[*UNIT_COLUMNS, "n", "ece", "test/acc"]), unit_bins,
+            pd.DataFrame(skipped, columns=[*UNIT_COLUMNS, "why"]))
+
+
+def calibration_tables(finals, bins: int = DEFAULT_BINS) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """ECE of every final unit with stored test scores, and reliability data pooled over seeds.
+
+    Returns ``(per_unit, diagram, skipped)``: ``per_unit`` and ``skipped`` as :func:`calibration_units`
+    gives them; ``diagram`` one row per (run, dataset, method, bin) with the counts, mean confidence
+    and accuracy of the seeds' images pooled."""
+    per, unit_bins, skipped = calibration_units(finals, bins)
+    keys = ["chapter", "run", "dataset", "method", "role", "bin", "lo", "hi"]
+    if unit_bins.empty:
+        return per, pd.DataFrame(columns=[*keys, "n", "accuracy", "confidence"]), skipped
+    allb = unit_bins.assign(right=unit_bins["accuracy"].fillna(0) * unit_bins["n"],
+                            conf_sum=unit_bins["confidence"].fillna(0) * unit_bins["n"])
+    diagram = allb.groupby(keys, sort=False)[["n", "right", "conf_sum"]].sum().reset_index()
+    diagram["accuracy"] = diagram["right"] / diagram["n"].where(diagram["n"] > 0)
+    diagram["confidence"] = diagram["conf_sum"] / diagram["n"].where(diagram["n"] > 0)
+    return per, diagram.drop(columns=["right", "conf_sum"]), skipped

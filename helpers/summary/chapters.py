@@ -35,6 +35,7 @@ ensemble       ``role=combiner``: ``combiner, expert,       every other combiner
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -44,7 +45,13 @@ import pandas as pd
 
 from ..results import Recorder, read_json, unit_name
 
-__all__ = ["Chapter", "CHAPTERS", "RunRef", "ModelSpec", "DataSpec", "FinalUnit", "final_units", "load_params"]
+__all__ = ["Chapter", "CHAPTERS", "RunRef", "ModelSpec", "DataSpec", "FinalUnit", "final_units", "load_params",
+           "DERIVED_DIR"]
+
+#: The folder of a published run that holds the tables computed where its weights and scores were,
+#: when it was published (:mod:`helpers.summary.derived`); read for its units whose weights or
+#: scores are not on disk (:meth:`FinalUnit.published_rows`).
+DERIVED_DIR = "derived"
 
 
 @dataclass(frozen=True)
@@ -258,6 +265,7 @@ class FinalUnit:
     data: DataSpec | None = None
     why_no_model: str = ""
     test_index: np.ndarray | None = None   # when the stored scores carry none (the ensemble's combiners)
+    run_root: Path | None = None           # the run's results folder (``root`` may be a subfolder of it)
 
     @property
     def has_scores(self) -> bool:
@@ -280,6 +288,28 @@ class FinalUnit:
             return (f"{len(missing)} of {total} weights file(s) not stored (e.g. "
                     f"{missing[0].relative_to(self.root) if missing[0].is_relative_to(self.root) else missing[0]})")
         return ""
+
+
+    def published_rows(self, table: str) -> pd.DataFrame:
+        """This unit's rows of ``derived/<table>.csv`` (``calibration``, ``reliability`` or
+        ``robustness``), computed when its run was published; empty for a local unit or without the file."""
+        path = Path(self.run_root or self.root) / DERIVED_DIR / f"{table}.csv"
+        if self.source != "published" or not path.is_file():
+            return pd.DataFrame()
+        df = _derived_csv(str(path), path.stat().st_mtime_ns)
+        if not {"chapter", "method", "dataset", "seed"} <= set(df.columns):
+            return pd.DataFrame()
+        mine = (df["chapter"] == self.chapter) & (df["method"].astype(str) == self.method) & \
+            (df["dataset"].astype(str) == str(self.dataset)) & (df["seed"] == self.seed)
+        return df[mine].reset_index(drop=True)
+
+
+@functools.lru_cache(maxsize=16)
+def _derived_csv(path: str, mtime_ns: int) -> pd.DataFrame:
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
 
 
 def _ro(root: Path) -> Recorder:
@@ -310,7 +340,7 @@ def _unit(run: RunRef, chapter: str, u: dict, root: Path, *, method: str, datase
                      method=method, dataset=dataset, seed=int(u["keys"].get("seed", 0)),
                      role="model" if chapter == "baselines" else spec.role(method), metrics=dict(u["metrics"]),
                      keys=dict(u["keys"]), root=root, task=task, model=model, data=data, why_no_model=why,
-                     test_index=test_index)
+                     test_index=test_index, run_root=run.root)
 
 
 # ---- one reader per chapter ------------------------------------------------------------------

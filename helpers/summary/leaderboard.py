@@ -140,13 +140,15 @@ def differences_view(diffs: pd.DataFrame, metrics: Sequence[str] = METRICS, digi
 
 def coverage(finals: Sequence[FinalUnit], runs: Sequence[RunRef]) -> pd.DataFrame:
     """What each run gives the summary: final units, seeds, whether per-sample scores (calibration)
-    and weights (robustness) are stored, and the chapter's note (e.g. no per-seed rows)."""
+    and weights (robustness) are stored, how many published units bring robustness rows computed
+    when they were published (:mod:`.derived`), and the chapter's note (e.g. no per-seed rows)."""
     rows = []
     for run in runs:
         mine = [f for f in finals if f.run == run.name and f.chapter == run.notebook]
-        scores = sum(f.has_scores for f in mine)
+        scores = sum(f.has_scores or bool(len(f.published_rows("calibration"))) for f in mine)
+        at_publish = {id(f) for f in mine if f.weights_missing and len(f.published_rows("robustness"))}
         rebuild = sum(not f.weights_missing for f in mine)
-        why = sorted({f.weights_missing.split(" (e.g.")[0] for f in mine if f.weights_missing})
+        why = sorted({f.weights_missing.split(" (e.g.")[0] for f in mine if f.weights_missing and id(f) not in at_publish})
         prov = run.provenance
         device = prov.get("device") or {}
         rows.append({"chapter": run.notebook, "run": run.name, "source": run.source,
@@ -155,6 +157,7 @@ def coverage(finals: Sequence[FinalUnit], runs: Sequence[RunRef]) -> pd.DataFram
                      "commit": (str((prov.get("git") or {}).get("commit") or "")[:10] or None),
                      "final models": len(mine),
                      "seeds": len({f.seed for f in mine}), "with scores": scores, "rebuildable": rebuild,
+                     "robustness at publish": len(at_publish),
                      "why not": "; ".join(why) or "–", "note": CHAPTERS.get(run.notebook).note
                      if run.notebook in CHAPTERS else ""})
     return pd.DataFrame(rows)

@@ -96,11 +96,19 @@ def robustness_rows(finals: Sequence[FinalUnit], *, corruptions: Sequence[str] =
     """Accuracy under every corruption and severity of each rebuildable final unit (module docstring).
 
     Returns ``(rows, skipped)``: one row per (unit, corruption, severity), and one row per unit that
-    could not be scored with the reason (no stored weights, no scores, no data spec, changed data)."""
+    could not be scored with the reason (no stored weights, no scores, no data spec, changed data).
+    A published unit, whose weights stayed where it ran, is read from the rows computed there when
+    its run was published (``derived/robustness.csv``, :mod:`.derived`): the requested corruptions
+    and severities that it has. ``computed`` says which (``here`` or ``at publish``)."""
     torch.set_grad_enabled(False)
     rows, skipped, splits, cache = [], [], {}, {}
     try:
         for unit in finals:
+            if unit.weights_missing and len(pub := unit.published_rows("robustness")):
+                keep = (pub["corruption"] == "none") | (pub["corruption"].isin(list(corruptions))
+                                                        & pub["severity"].isin(list(severities)))
+                rows += pub[keep].assign(computed="at publish").to_dict("records")
+                continue
             why = unit.weights_missing or ("" if unit.has_scores else "no per-sample scores stored") or \
                 ("" if unit.data is not None else "its test images cannot be rebuilt here")
             if why:
@@ -110,8 +118,9 @@ def robustness_rows(finals: Sequence[FinalUnit], *, corruptions: Sequence[str] =
             try:
                 if unit.data.key not in splits:
                     splits[unit.data.key] = unit.data.test_split(data_root)
-                rows += evaluate_unit(unit, splits[unit.data.key], cache, corruptions=corruptions,
-                                      severities=severities, max_images=max_images)
+                rows += [{**r, "computed": "here"} for r in evaluate_unit(
+                    unit, splits[unit.data.key], cache, corruptions=corruptions, severities=severities,
+                    max_images=max_images)]
                 if log:
                     log(f"robustness: {unit.chapter}/{unit.run} {unit.dataset} {unit.method} seed {unit.seed} done")
             except (ValueError, RuntimeError, FileNotFoundError) as exc:

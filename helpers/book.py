@@ -290,7 +290,7 @@ def published_provenance(published: Path | None = None):
         rows.append({"notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"),
                      "profile": p.get("profile"), "seeds": p.get("seeds"),
                      "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
-                     "wall_s": p.get("wall_s"), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
+                     "wall_s": p.get("wall_s_total", p.get("wall_s")), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
                      "published": (meta.get("published") or {}).get("published_utc"),
                      "folder": str(prov.parent.relative_to(config.repo_root()))
                      if prov.parent.is_relative_to(config.repo_root()) else str(prov.parent)})

@@ -255,7 +255,7 @@ def collect_provenance(book: str | os.PathLike) -> pd.DataFrame:
             "notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"), "profile": p.get("profile"),
             "status": p.get("status"), "seeds": p.get("seeds"),
             "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
-            "wall_s": p.get("wall_s"), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
+            "wall_s": p.get("wall_s_total", p.get("wall_s")), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
             "torch": versions.get("torch"), "python": versions.get("python"),
             "params": str(path.parent.relative_to(Path(book)) / "params.yaml"),
         })

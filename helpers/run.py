@@ -271,6 +271,28 @@ def command_for(record: dict) -> str:
     return " ".join(cmd)
 
 
+def earlier_executions(old: dict, results: Path) -> list[dict]:
+    """The executions of a run before this one whose results it keeps (it resumes from their units),
+    oldest first: start, status and wall time. An execution that was killed before it could write
+    its record is timed to the last file it wrote in ``results``."""
+    if not old.get("started_utc"):
+        return []
+    wall = old.get("wall_s")
+    if wall is None:
+        last = max((f.stat().st_mtime for f in results.rglob("*") if f.is_file()), default=0.0)
+        started = datetime.fromisoformat(old["started_utc"]).timestamp()
+        wall = round(last - started, 2) if last > started else None
+    return [*(old.get("earlier") or []), {"started_utc": old["started_utc"], "status": old.get("status"), "wall_s": wall}]
+
+
+def _walls(earlier: list[dict], seconds: float) -> dict:
+    """``wall_s`` of this execution and ``wall_s_total`` with the earlier ones it resumed from."""
+    out = {"wall_s": round(seconds, 2)}
+    if earlier:
+        out["wall_s_total"] = round(seconds + sum(e.get("wall_s") or 0.0 for e in earlier), 2)
+    return out
+
+
 def banner(record: dict) -> str:
     """Markdown for the top of an executed page: which run made it, how, and how to make it again."""
     seeds = record.get("seeds")
@@ -282,9 +304,18 @@ def banner(record: dict) -> str:
         else f"{device.get('cpu_count', '?')} CPU cores"
     return (f"````{{admonition}} This run\n:class: note\n"
             f"Run **{record['run_name']}** of `{record['notebook']}`, profile **{record['profile']}**, seeds {seeds}; "
-            f"commit {commit}; started {record.get('started_utc', '?')} on {where}, took {record.get('wall_s', 0):.0f} s. Params, provenance and raw "
+            f"commit {commit}; started {record.get('started_utc', '?')} on {where}, took {_took(record)}. Params, provenance and raw "
             f"results: `book/results/{Path(record['notebook']).stem}/{record['run_name']}/`. Make it again with\n\n"
             f"```bash\n{command_for(record)}\n```\n````")
+
+
+def _took(record: dict) -> str:
+    took = f"{record.get('wall_s', 0):.0f} s"
+    if record.get("earlier"):
+        n = len(record["earlier"])
+        took += (f" (resumed from {n} earlier execution{'s' if n > 1 else ''}: "
+                 f"{record.get('wall_s_total', record.get('wall_s', 0)):,.0f} s in all)")
+    return took
 
 
 #: An output longer than this many lines is collapsed on the page (Jupyter Book's ``hide-output``).
@@ -368,11 +399,13 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         shutil.rmtree(config.cache_dir("checkpoints") / notebook.stem / run_name, ignore_errors=True)
         why = "--fresh" if fresh else "its notebook or params changed"
         print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
+    earlier = earlier_executions(old, results) if results.is_dir() else []
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "params.yaml", stored_params_text(notebook, params, profile, run_name))
     record = {"notebook": _rel(notebook), "params_file": _rel(params_file), "run_name": run_name, "profile": profile,
               "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "params_sha256": pdigest, "status": "running",
-              "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance()}
+              "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),
+              **({"earlier": earlier} if earlier else {})}
     write_json(prov_path, record)
     injected = {**params, "profile": profile, "run_name": run_name, "results_dir": str(results)}
     partial = executed.with_suffix(".partial.ipynb")
@@ -389,7 +422,7 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         failed = executed.with_suffix(".failed.ipynb")
         if partial.is_file():
             os.replace(partial, failed)
-        record.update(status="failed", wall_s=round(time.perf_counter() - start, 2), error=_short(exc))
+        record.update(status="failed", **_walls(earlier, time.perf_counter() - start), error=_short(exc))
         write_json(prov_path, record)
         if not isinstance(exc, Exception):  # Ctrl-C and friends: partial work is kept, re-raise as is
             raise
@@ -401,7 +434,7 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
             os.environ.pop("RLMED_PROGRESS", None)
         else:
             os.environ["RLMED_PROGRESS"] = env_before
-    record.update(status="complete", wall_s=round(time.perf_counter() - start, 2))
+    record.update(status="complete", **_walls(earlier, time.perf_counter() - start))
     _add_banner(partial, record)
     os.replace(partial, executed)
     executed.with_suffix(".failed.ipynb").unlink(missing_ok=True)

@@ -91,6 +91,34 @@ def test_banner_states_run_profile_seeds_commit_and_command():
     assert "on GPU NVIDIA H200" in banner({**rec, "device": {"cuda": True, "gpu": "NVIDIA H200", "cpu_count": 16}})
 
 
+def test_a_resumed_run_counts_the_executions_it_resumed_from(tmp_path):
+    """A killed execution (no wall time in its record) is timed to its last write; the banner and the
+    provenance rows give the total."""
+    import os
+    from datetime import datetime
+
+    from helpers.run import _walls, earlier_executions
+
+    killed = {"started_utc": "2026-01-01T10:00:00+00:00", "status": "running"}
+    (tmp_path / "units").mkdir()
+    unit = tmp_path / "units" / "u.json"
+    unit.write_text("{}")
+    t0 = datetime.fromisoformat(killed["started_utc"]).timestamp()
+    os.utime(unit, (t0 + 600, t0 + 600))
+    first = earlier_executions(killed, tmp_path)
+    assert first == [{"started_utc": killed["started_utc"], "status": "running", "wall_s": 600.0}]
+    failed = {"started_utc": "2026-01-01T11:00:00+00:00", "status": "failed", "wall_s": 30.0, "earlier": first}
+    both = earlier_executions(failed, tmp_path)
+    assert [e["wall_s"] for e in both] == [600.0, 30.0]
+    assert earlier_executions({}, tmp_path) == []
+    rec = {"notebook": "notebooks/nas.ipynb", "params_file": "params/nas.yaml", "profile": "full", "run_name": "nas",
+           "seeds": [0], "git": {"commit": "0123456789"}, "device": {"cpu_count": 2}, "earlier": both,
+           **_walls(both, 70.0)}
+    assert rec["wall_s"] == 70.0 and rec["wall_s_total"] == 700.0
+    assert "took 70 s (resumed from 2 earlier executions: 700 s in all)" in banner(rec)
+    assert _walls([], 5.0) == {"wall_s": 5.0}
+
+
 def test_placeholder_without_a_pinned_profile_names_the_books_profile(tmp_path):
     book = _book(tmp_path, "runs:\n  - notebook: notebooks/nas.ipynb\n    params: params/nas.yaml\n    on_demand: long\n")
     book_mod.execute_runs("quick", book)

@@ -52,6 +52,9 @@ UNPUBLISHED_SUFFIXES = {".npz", ".npy", ".pt", ".pth", ".ckpt", ".pkl", ".svg", 
 PUBLISH_MAX_BYTES = 2_000_000
 #: The final models' per-sample score files are published up to this total (the rest named as left out).
 PUBLISH_SCORES_MAX_BYTES = 20_000_000
+#: An executed page (its figures embedded) larger than this is refused: a full run's page of five
+#: targets' fold curves is about 2.2 MB.
+PUBLISH_PAGE_MAX_BYTES = 5_000_000
 
 
 def book_spec(book: Path | None = None) -> dict:
@@ -239,6 +242,10 @@ def publish(run: str, book: Path | None = None, dest: Path | None = None, derive
     nb.metadata.setdefault("rlmed", {})["published"] = info
     tmp.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, tmp / "page.ipynb")
+    if (size := (tmp / "page.ipynb").stat().st_size) > PUBLISH_PAGE_MAX_BYTES:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"{page} is {size / 1e6:.1f} MB, over the {PUBLISH_PAGE_MAX_BYTES / 1e6:.0f} MB a published page "
+                       f"may take. Fix: show fewer or smaller figures on the page (they stay in figures/).")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())

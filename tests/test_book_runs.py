@@ -274,6 +274,17 @@ def test_publish_copies_the_page_and_small_results_only(tmp_path, capsys):
         book_mod.publish("nas_ref", book, tmp_path / "elsewhere", derive=False)
 
 
+def test_publish_refuses_a_page_over_its_cap(tmp_path):
+    book = _book(tmp_path, PUBLISHABLE)
+    page, _ = _finished_run(book)
+    nb = nbformat.read(page, as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("x" * (book_mod.PUBLISH_PAGE_MAX_BYTES + 1)))
+    nbformat.write(nb, page)
+    with pytest.raises(book_mod.RunError, match="over the 5 MB"):
+        book_mod.publish("nas_ref", book, tmp_path / "published", derive=False)
+    assert not (tmp_path / "published" / "nas" / "nas_ref").exists()
+
+
 def test_publish_refuses_an_unfinished_run(tmp_path):
     _book(tmp_path, PUBLISHABLE)
     with pytest.raises(book_mod.RunError, match="no finished run"):
@@ -304,9 +315,17 @@ def test_published_runs_hold_no_weights_data_or_per_sample_arrays():
     folder = book_mod.published_dir()
     if not folder.is_dir():
         pytest.skip("nothing published yet")
-    bad = [p for p in folder.rglob("*") if p.is_file() and (p.suffix in book_mod.UNPUBLISHED_SUFFIXES
-                                                          or p.stat().st_size > book_mod.PUBLISH_MAX_BYTES)]
+    def allowed(p):   # the final models' per-sample test scores are published (helpers.book.publish)
+        return p.suffix not in book_mod.UNPUBLISHED_SUFFIXES or (p.suffix == ".npz" and "scores" in p.parts)
+
+    def cap(p):
+        return book_mod.PUBLISH_PAGE_MAX_BYTES if p.name == "page.ipynb" else book_mod.PUBLISH_MAX_BYTES
+
+    files = [p.relative_to(folder) for p in folder.rglob("*") if p.is_file()]
+    bad = [p for p in files if not allowed(p) or (folder / p).stat().st_size > cap(p)]
     assert not bad
+    for run in folder.glob("*/*"):
+        assert sum(p.stat().st_size for p in run.rglob("*.npz")) <= book_mod.PUBLISH_SCORES_MAX_BYTES
     for page in folder.glob("*/*/page.ipynb"):
         assert nbformat.read(page, as_version=4).metadata["rlmed"]["published"]
 

@@ -272,10 +272,11 @@ def command_for(record: dict) -> str:
 
 
 def earlier_executions(old: dict, results: Path) -> list[dict]:
-    """The executions of a run before this one whose results it keeps (it resumes from their units),
-    oldest first: start, status and wall time. An execution that was killed before it could write
-    its record is timed to the last file it wrote in ``results``."""
-    if not old.get("started_utc"):
+    """The unfinished executions of a run before this one, whose units it resumes from, oldest first:
+    start, status and wall time. An execution that was killed before it could write its record is
+    timed to the last file it wrote in ``results``. None after a finished execution: a run made again
+    (``--force``, changed code) starts its count afresh."""
+    if not old.get("started_utc") or old.get("status") == "complete":
         return []
     wall = old.get("wall_s")
     if wall is None:

@@ -111,6 +111,7 @@ def test_a_resumed_run_counts_the_executions_it_resumed_from(tmp_path):
     both = earlier_executions(failed, tmp_path)
     assert [e["wall_s"] for e in both] == [600.0, 30.0]
     assert earlier_executions({}, tmp_path) == []
+    assert earlier_executions({**failed, "status": "complete"}, tmp_path) == []   # made again: counted afresh
     rec = {"notebook": "notebooks/nas.ipynb", "params_file": "params/nas.yaml", "profile": "full", "run_name": "nas",
            "seeds": [0], "git": {"commit": "0123456789"}, "device": {"cpu_count": 2}, "earlier": both,
            **_walls(both, 70.0)}

@@ -289,7 +289,6 @@ class FinalUnit:
                     f"{missing[0].relative_to(self.root) if missing[0].is_relative_to(self.root) else missing[0]})")
         return ""
 
-
     def published_rows(self, table: str) -> pd.DataFrame:
         """This unit's rows of ``derived/<table>.csv`` (``calibration``, ``reliability`` or
         ``robustness``), computed when its run was published; empty for a local unit or without the file."""

@@ -158,3 +158,19 @@ def test_albumentations_reproducible_from_generator():
     assert torch.equal(a, b)
     c = aug(x.clone(), _gen(6))
     assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("pad", ["border", "reflection"])
+def test_pad_fills_the_uncovered_border_from_the_image_not_with_black(pad):
+    """A bright constant image shifted by 20 %: zero padding leaves black strips, the others none."""
+    x = torch.full((6, 1, 16, 16), 0.8)
+    zeros = make_augment({"translate": 0.2})(x.clone(), _gen(0))
+    filled = make_augment({"translate": 0.2, "pad": pad})(x.clone(), _gen(0))
+    assert (zeros < 0.5).any()
+    assert torch.allclose(filled, x, atol=1e-5)
+
+
+def test_pad_refuses_an_unknown_fill_naming_the_fix():
+    with pytest.raises(ParamsError, match="pad='wrap'.*zeros, border, reflection"):
+        make_augment({"rotate": 10, "pad": "wrap"})
+    assert "pad" in SPEC_KEYS

@@ -340,3 +340,9 @@ def test_a_binary_flag_gets_its_diagnostics_and_subgroup_errors(tmp_path, make_n
     assert set(groups["group"]) == {0, 1, "all"} and (groups["metric"] == "error").all()
     oof = folds.pooled_metrics(rec, CLASS, "before", ds.n_classes, ds.task)
     assert set(oof) == {"auc", "acc", "kappa"}
+
+
+def test_small_val_loss_slopes_read_as_numbers_not_as_zero():
+    from helpers.folds.rules import _slope
+
+    assert _slope(-0.00041) == "-4.1e-04" and _slope(0.0123) == "+0.012" and _slope(0.0) == "+0.000"

@@ -140,7 +140,7 @@ CHECKS: dict[str, Callable] = {"lr_too_high": _lr_too_high, "stopped_before_floo
 
 RULES: tuple[Rule, ...] = (
     Rule("lr_too_high", "fold", "lr_too_high",
-         "best epoch 1 while the val loss rose after it (slope above {slope:+.3f} of its best value per epoch)",
+         "best epoch 1 while the val loss rose after it (slope above {slope:+g} of its best value per epoch)",
          {"slope": 0.0},
          "lower the LR (patience is not the cause: the best epoch was the first, so more patience only trains "
          "further past it)", (("fit.lr", "scale", 0.3),)),
@@ -149,7 +149,7 @@ RULES: tuple[Rule, ...] = (
          "set min_epochs, so early stopping cannot end a fold before it has had a chance to learn",
          (("fit.min_epochs", "set", 5),), not_with=("lr_too_high",)),
     Rule("patience", "fold", "stopped_while_improving",
-         "stopped early while the val loss was still falling after its best epoch (slope below {slope:+.3f})",
+         "stopped early while the val loss was still falling after its best epoch (slope below {slope:+g})",
          {"slope": 0.0}, "raise the patience (or min_delta was larger than the improvements)",
          (("fit.patience", "scale", 2),), not_with=("lr_too_high",)),
     Rule("underfit", "fold", "still_improving_at_end",
@@ -200,13 +200,18 @@ def describe_changes(changes: Sequence) -> str:
     return "; ".join(parts)
 
 
+def _slope(value: float) -> str:
+    """A relative val-loss slope per epoch, legible when small (``-4.1e-04``, not ``-0.000``)."""
+    return f"{value:+.1e}" if 0 < abs(value) < 1e-3 else f"{value:+.3f}"
+
+
 def _fold_evidence(row: Mapping, rule: Rule) -> str:
     if rule.check == "lr_too_high":
-        return f"fold {row['fold']}: best epoch 1 of {row['epochs_trained']}, val loss slope {row['val_loss_slope']:+.3f}/epoch"
+        return f"fold {row['fold']}: best epoch 1 of {row['epochs_trained']}, val loss slope {_slope(row['val_loss_slope'])}/epoch"
     if rule.check == "stopped_before_floor":
         return f"fold {row['fold']}: stopped at epoch {row['epochs_trained']} (best {row['best_epoch']})"
     if rule.check == "stopped_while_improving":
-        return f"fold {row['fold']}: stopped at {row['epochs_trained']}, val loss slope {row['val_loss_slope']:+.3f}/epoch"
+        return f"fold {row['fold']}: stopped at {row['epochs_trained']}, val loss slope {_slope(row['val_loss_slope'])}/epoch"
     if rule.check == "still_improving_at_end":
         return f"fold {row['fold']}: best epoch {row['best_epoch']} of {row['epochs_trained']} (budget)"
     if rule.check == "overfit":

@@ -120,6 +120,27 @@ def test_a_resumed_run_counts_the_executions_it_resumed_from(tmp_path):
     assert _walls([], 5.0) == {"wall_s": 5.0}
 
 
+def test_busy_cpus_are_measured_warned_about_and_shown_in_the_run_box(tmp_path):
+    """/proc/stat's busy share over an interval; a warning only when torch's threads would not fit
+    beside the busy cores; the run box says when a run's time was made on busy CPUs."""
+    from helpers.repro import _cpu_ticks, contention_warning, cpu_busy
+
+    assert _cpu_ticks("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4") == (150, 1000)
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 0 0 900 0 0 0 0 0 0\n")
+    assert cpu_busy(0.0, stat) is None                         # no time passed between the reads
+    assert cpu_busy(0.0, tmp_path / "missing") is None
+    assert contention_warning(None) is None and contention_warning(0.1, 2, 2) is None
+    assert contention_warning(0.5, 1, 2) is None               # one busy core, one thread: they fit
+    text = contention_warning(0.5, 2, 2)
+    assert "1.0 of this machine's 2 CPU cores" in text and "OMP_NUM_THREADS=1" in text
+    assert contention_warning(0.95, 1, 2) is not None
+    rec = {"notebook": "notebooks/nas.ipynb", "params_file": "params/nas.yaml", "profile": "quick", "run_name": "nas",
+           "seeds": [0], "git": {"commit": "0123456789"}, "device": {"cpu_count": 2}, "wall_s": 12.0}
+    assert "reads slow" not in banner({**rec, "cpu_busy_at_start": 0.05})
+    assert "other work held 60% of the CPU when it started" in banner({**rec, "cpu_busy_at_start": 0.6})
+
+
 def test_placeholder_without_a_pinned_profile_names_the_books_profile(tmp_path):
     book = _book(tmp_path, "runs:\n  - notebook: notebooks/nas.ipynb\n    params: params/nas.yaml\n    on_demand: long\n")
     book_mod.execute_runs("quick", book)

@@ -226,6 +226,7 @@ def test_run_notebook_end_to_end(tmp_path, book, capsys):
     assert prov["git"] == {"commit": "0" * 40, "dirty": False}
     assert prov["versions"]["torch"] and prov["versions"]["python"]
     assert {"platform", "cpu_count", "cuda"} <= set(prov["device"])
+    assert 0.0 <= prov["cpu_busy_at_start"] <= 1.0          # what else held the CPU when it started (Linux)
     # the executed notebook is the page: it holds the cell output and the injected params
     done = nbformat.read(executed, as_version=4)
     text = json.dumps([c.get("outputs", []) for c in done.cells])

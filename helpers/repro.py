@@ -187,7 +187,7 @@ def cpu_busy(seconds: float = 0.3, stat_path: str | os.PathLike = "/proc/stat") 
 
 # Measured at 7e7e6c8 on this project's 2-core machine (AMX bf16), one training step of the
 # ensemble's 28 px SE-ResNet member, batch 32: idle, 925 images/s with torch's 2 threads; beside
-# another run using both cores, 7-12 images/s with 2 threads and 410-620 with 1 thread.
+# two other runs (load 3.6), 7-12 images/s with 2 threads and 410-620 with 1 thread (fp32-bf16).
 BUSY_WARN = 0.25
 
 

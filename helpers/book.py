@@ -38,7 +38,7 @@ import nbformat
 import yaml
 
 from . import config
-from .results import atomic_write_text, read_json
+from .results import atomic_write_text, provenance_row, read_json
 from .run import RunError, command_for, paths, run_notebook
 
 MATHJAX_VERSION = "3.2.2"
@@ -263,8 +263,8 @@ def _publish_derived(stem: str, name: str, results: Path, tmp: Path, robust_max_
     from .summary.derived import derive_tables, write_tables
 
     ref = RunRef(stem, name, results, "local")
-    skipped, budget = [], PUBLISH_SCORES_MAX_BYTES
-    for unit in final_units([ref]):
+    skipped, budget, finals = [], PUBLISH_SCORES_MAX_BYTES, final_units([ref])
+    for unit in finals:
         src = unit.root / "scores" / f"{unit_name(**unit.keys)}.npz"
         if not src.is_file() or (tmp / src.relative_to(results)).exists():
             continue
@@ -276,7 +276,7 @@ def _publish_derived(stem: str, name: str, results: Path, tmp: Path, robust_max_
         (tmp / src.relative_to(results)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, tmp / src.relative_to(results))
     start = time.perf_counter()
-    tables = derive_tables(ref, max_images=robust_max_images, data_root=data_root)
+    tables = derive_tables(ref, max_images=robust_max_images, data_root=data_root, finals=finals)
     write_tables(tables, tmp)
     print(f"[pub ] {stem}/{name}: calibration of {len(tables['calibration'])} and robustness of "
           f"{tables['robustness'].groupby(['method', 'dataset', 'seed']).ngroups if len(tables['robustness']) else 0} "
@@ -293,12 +293,8 @@ def published_provenance(published: Path | None = None):
         p = read_json(prov)
         meta = nbformat.read(prov.parent / "page.ipynb", as_version=4).metadata.get("rlmed", {}) \
             if (prov.parent / "page.ipynb").is_file() else {}
-        git, device = p.get("git") or {}, p.get("device") or {}
-        rows.append({"notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"),
-                     "profile": p.get("profile"), "seeds": p.get("seeds"),
-                     "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
-                     "wall_s": p.get("wall_s_total", p.get("wall_s")), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
-                     "published": (meta.get("published") or {}).get("published_utc"),
+        row = {k: v for k, v in provenance_row(p).items() if k not in ("status", "torch", "python")}
+        rows.append({**row, "published": (meta.get("published") or {}).get("published_utc"),
                      "folder": str(prov.parent.relative_to(config.repo_root()))
                      if prov.parent.is_relative_to(config.repo_root()) else str(prov.parent)})
     return pd.DataFrame(rows)

@@ -245,18 +245,20 @@ class Recorder:
         return atomic_write_text(self.root / "tables" / f"{name}.csv", df.to_csv(index=False))
 
 
-def collect_provenance(book: str | os.PathLike) -> pd.DataFrame:
-    """One row per stored run under ``<book>/results``: what ran, with what, where and how long."""
-    rows = []
-    for path in sorted(Path(book, "results").glob("*/*/provenance.json")):
-        p = read_json(path)
-        git, versions, device = p.get("git", {}), p.get("versions", {}), p.get("device", {})
-        rows.append({
-            "notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"), "profile": p.get("profile"),
+def provenance_row(p: dict) -> dict:
+    """The fields of a run's ``provenance.json`` that the provenance tables show: what ran, with
+    what, where and how long (``wall_s`` counts the earlier executions a resumed run continued)."""
+    git, versions, device = p.get("git") or {}, p.get("versions") or {}, p.get("device") or {}
+    return {"notebook": Path(p.get("notebook", "?")).stem, "run": p.get("run_name"), "profile": p.get("profile"),
             "status": p.get("status"), "seeds": p.get("seeds"),
             "commit": (git.get("commit") or "")[:10] + ("+dirty" if git.get("dirty") else ""),
-            "wall_s": p.get("wall_s_total", p.get("wall_s")), "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
-            "torch": versions.get("torch"), "python": versions.get("python"),
-            "params": str(path.parent.relative_to(Path(book)) / "params.yaml"),
-        })
+            "wall_s": p.get("wall_s_total", p.get("wall_s")),
+            "device": device.get("gpu") or f"CPU x{device.get('cpu_count')}",
+            "torch": versions.get("torch"), "python": versions.get("python")}
+
+
+def collect_provenance(book: str | os.PathLike) -> pd.DataFrame:
+    """One row per stored run under ``<book>/results``: what ran, with what, where and how long."""
+    rows = [{**provenance_row(read_json(path)), "params": str(path.parent.relative_to(Path(book)) / "params.yaml")}
+            for path in sorted(Path(book, "results").glob("*/*/provenance.json"))]
     return pd.DataFrame(rows)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from ..results import atomic_write_text
 from .calibration import DEFAULT_BINS, calibration_units
-from .chapters import DERIVED_DIR, RunRef, final_units
+from .chapters import DERIVED_DIR, FinalUnit, RunRef, final_units
 from .corruptions import CORRUPTIONS, SEVERITIES
 from .robustness import robustness_rows
 
@@ -31,9 +31,11 @@ DERIVED_TABLES = ("calibration", "reliability", "robustness", "robustness_skippe
 
 def derive_tables(run: RunRef, *, corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
                   max_images: int | None = None, bins: int = DEFAULT_BINS, data_root=None,
-                  log: Callable[[str], None] | None = None) -> dict[str, pd.DataFrame]:
-    """The :data:`DERIVED_TABLES` of ``run`` (a local run, with its weights and scores on disk)."""
-    finals = final_units([run])
+                  log: Callable[[str], None] | None = None, finals: Sequence[FinalUnit] | None = None,
+                  ) -> dict[str, pd.DataFrame]:
+    """The :data:`DERIVED_TABLES` of ``run`` (a local run, with its weights and scores on disk);
+    ``finals``: its :func:`final_units`, where the caller has them already."""
+    finals = final_units([run]) if finals is None else list(finals)
     per, unit_bins, _ = calibration_units(finals, bins)
     rob, skipped = robustness_rows(finals, corruptions=corruptions, severities=severities, max_images=max_images,
                                    data_root=data_root, log=log)

@@ -33,7 +33,7 @@ from pathlib import Path
 import yaml
 
 from . import config
-from .repro import BUSY_WARN, contention_warning, cpu_busy, provenance
+from .repro import contention_warning, cpu_busy, provenance
 from .results import atomic_write_text, read_json, write_json
 
 
@@ -316,9 +316,9 @@ def _took(record: dict) -> str:
         n = len(record["earlier"])
         took += (f" (resumed from {n} earlier execution{'s' if n > 1 else ''}: "
                  f"{record.get('wall_s_total', record.get('wall_s', 0)):,.0f} s in all)")
-    busy = record.get("cpu_busy_at_start")
-    if busy is not None and busy >= BUSY_WARN:
-        took += f"; other work held {busy:.0%} of the CPU when it started, so this time reads slow"
+    if record.get("cpu_contended"):
+        took += (f"; other work held {record.get('cpu_busy_at_start', 0):.0%} of the CPU when it started, "
+                 f"so this time reads slow")
     return took
 
 
@@ -414,6 +414,7 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
               "seeds": params.get("seeds", params.get("seed")), "inputs_sha256": digest, "params_sha256": pdigest, "status": "running",
               "started_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"), **provenance(),
               **({"cpu_busy_at_start": round(busy, 3)} if busy is not None else {}),
+              **({"cpu_contended": True} if warning else {}),
               **({"earlier": earlier} if earlier else {})}
     write_json(prov_path, record)
     injected = {**params, "profile": profile, "run_name": run_name, "results_dir": str(results)}

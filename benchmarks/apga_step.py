@@ -11,6 +11,7 @@ steadier numbers (OpenMP threads that wait on each other slow the many small ops
 
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/apga_step.py              # 28 px, unet_small
     NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/apga_step.py --size 64    # smp_unet (VGG11)
+    NO_ALBUMENTATIONS_UPDATE=1 .venv/bin/python benchmarks/apga_step.py --size 64 --bf16   # as the full profile
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ from helpers.apga.protocol import REFERENCE_APGA  # noqa: E402
 from helpers.losses import make_criterion  # noqa: E402
 from helpers.models import create_model  # noqa: E402
 from helpers.repro import resolve_device  # noqa: E402
-from helpers.train import train_one_epoch  # noqa: E402
+from helpers.train import set_hook_precision, train_one_epoch  # noqa: E402
 
 METHODS = ("clean", "repeat", "cutout", "gradcam", "end2end", "apga", "apga_faithful")
 
@@ -65,6 +66,8 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--agent-steps", type=int, default=16, help="agent updates per batch of the default APGA")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast of the loop and the hooks (the full profile's cpu_amp; amp on a GPU)")
     args = ap.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -75,7 +78,8 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, python {platform.python_version()}, threads {torch.get_num_threads()}, "
           f"device {device_name(device)}, load {loadavg()}")
     print(f"{args.flag} {args.size} px, batch {args.batch_size}, {args.batches} batches x {args.rounds} rounds, "
-          f"classifier cnn, agent {agent_name}, apga agent_steps {args.agent_steps}")
+          f"classifier cnn, agent {agent_name}, apga agent_steps {args.agent_steps}, "
+          f"{'bf16 autocast' if args.bf16 else 'float32'}")
     criterion = make_criterion(ds.task)
     baseline = create_model("cnn", ds.n_classes, ds.n_channels)
     times = {m: [] for m in METHODS}
@@ -86,12 +90,14 @@ def main(argv=None) -> None:
             opt = torch.optim.AdamW(model.parameters(), 1e-4)
             hook = make(method, ds.task, agent_name, agent_kwargs, baseline, args.agent_steps)
             hooks = [hook] if hook is not None else []
+            set_hook_precision(hooks, device, amp=args.bf16, cpu_amp=args.bf16)
             for h in hooks:
                 h.on_fit_start(model, opt, device)
             loader = data_mod.TensorLoader(train, args.batch_size, shuffle=True, device=device, seed=0)
             sync(device)
             t0 = time.perf_counter()
-            train_one_epoch(model, loader, criterion, opt, device=device, epoch=1, hooks=hooks, amp=False)
+            train_one_epoch(model, loader, criterion, opt, device=device, epoch=1, hooks=hooks, amp=args.bf16,
+                            cpu_amp=args.bf16)
             sync(device)
             times[method].append((time.perf_counter() - t0) / args.batches * 1e3)
     clean = statistics.median(times["clean"][1:])

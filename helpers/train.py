@@ -12,7 +12,8 @@ Extension points a method uses instead of copying the loop:
   reward without a second forward pass), ``after_step(x, y, model, optimizer)`` after the optimiser
   step (a hook's own extra update, e.g. a second classifier step on masked images),
   ``on_epoch_end(epoch, logs)``; its ``state_dict`` is
-  checkpointed and the state at the best epoch is restored with the best weights.
+  checkpointed and the state at the best epoch is restored with the best weights. Its own forward
+  passes can take the loop's precision through ``Hook.autocast()`` (the APGA chapter's do).
 * ``fit(..., criterion=, param_groups=, validate=)``: a per-sample loss, optimiser parameter groups
   (e.g. a lower LR for a pre-trained backbone) and a validation callable for objectives that are not
   classification. Each defaults to today's behaviour.
@@ -104,7 +105,23 @@ class Hook:
     ``state_dict``/``load_state_dict`` are checkpointed every epoch, and the state at the best
     epoch is restored at the end of :func:`fit`, beside the best weights. A state must hold only
     tensors and plain Python values (checkpoints load with ``weights_only=True``).
+
+    A hook's own forward passes (an agent, a mask network, an extra classifier step) can take the
+    loop's training precision through :meth:`autocast`, which :func:`fit` sets (:func:`set_hook_precision`)
+    before ``on_fit_start``: then a loss the hook compares with ``loss_per_sample`` is taken in the
+    same precision, and a bf16 fit (``amp`` on CUDA, ``cpu_amp`` on CPU) runs the hook in bf16 too.
     """
+
+    #: the loop's training precision (set by :func:`set_hook_precision`): bf16 autocast on or off
+    autocast_enabled: bool = False
+    autocast_device: str = "cpu"
+
+    def autocast(self, enabled: bool = True):
+        """A context for the hook's own forward passes in the loop's training precision (bf16
+        autocast, or nothing; ``enabled=False``: float32 whatever the loop's); cast outputs to
+        float32 before a loss, as the loop does."""
+        return torch.autocast(device_type=self.autocast_device, dtype=torch.bfloat16,
+                              enabled=self.autocast_enabled and enabled)
 
     def on_fit_start(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> None:
         pass
@@ -180,9 +197,20 @@ class EarlyStopping:
 
 
 # ---- small pieces ----------------------------------------------------------------------------
+def _amp_on(device: torch.device, amp: bool, cpu_amp: bool = False) -> bool:
+    return (amp and device.type == "cuda") or (cpu_amp and device.type == "cpu")
+
+
 def _autocast(device: torch.device, amp: bool, cpu_amp: bool = False):
-    enabled = (amp and device.type == "cuda") or (cpu_amp and device.type == "cpu")
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=_amp_on(device, amp, cpu_amp))
+
+
+def set_hook_precision(hooks: Sequence[Hook], device, amp: bool = True, cpu_amp: bool = False) -> None:
+    """Give ``hooks`` the training precision of a loop run with ``amp`` / ``cpu_amp`` on ``device``
+    (:meth:`Hook.autocast`); :func:`fit` calls it, a hand-made loop over :func:`train_one_epoch` should."""
+    device = torch.device(device)
+    for hook in hooks:
+        hook.autocast_device, hook.autocast_enabled = device.type, _amp_on(device, amp, cpu_amp)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -438,6 +466,7 @@ def fit(model: nn.Module, train_loader, val_loader, task: str, cfg: FitConfig, *
         else:
             print(f"checkpoint {ckpt} was made with another config or model; starting afresh", flush=True)
 
+    set_hook_precision(hooks, device, cfg.amp, cfg.cpu_amp)
     for hook in hooks:
         hook.on_fit_start(model, optimizer, device)
     mode = _progress_mode(cfg.progress) if is_main_process() else "none"

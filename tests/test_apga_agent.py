@@ -139,6 +139,37 @@ def test_agent_steps_per_batch_and_the_record_of_the_whole_run():
     assert (entropy > 0).all() and (entropy <= np.log(2) + 1e-6).all()
 
 
+def _output_dtypes(module: nn.Module) -> set:
+    seen = set()
+    module.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    return seen
+
+
+@pytest.mark.parametrize("cpu_amp", [False, True])
+def test_the_agent_and_the_extra_steps_take_the_loops_precision(cpu_amp):
+    """Under a bf16 fit (cpu_amp) the agent, the erased loss and the inverse-masked step run in bf16,
+    as the loop's clean step does, so both reward losses share one precision; a float32 fit keeps
+    them all float32, and the gallery's erase probabilities are float32 either way."""
+    ds = _square_ds(12)
+    agent = create_model("unet_small", 1, 1, widths=(4, 8))
+    hook = APGAHook("binary-class", agent, -1.0, agent_steps=2)
+    agent_dtypes = _output_dtypes(agent)
+    torch.manual_seed(0)
+    model = create_model("cnn", 2, 1, widths=(8, 16))
+    clf_dtypes = _output_dtypes(model)
+    loader = data_mod.TensorLoader(ds["train"], 16, shuffle=True, seed=0)
+    fit(model, loader, data_mod.TensorLoader(ds["val"], 64), ds.task,
+        FitConfig(epochs=1, lr=1e-4, schedule="none", progress="none", channels_last=False, cpu_amp=cpu_amp),
+        hooks=[hook])
+    want = torch.bfloat16 if cpu_amp else torch.float32
+    assert hook.autocast_enabled is cpu_amp
+    assert agent_dtypes == {want}
+    assert want in clf_dtypes     # train steps (evaluation adds float32 under cpu_amp)
+    agent_dtypes.clear()
+    p = hook.erase_probability(next(iter(loader))[0][:2])
+    assert agent_dtypes == {torch.float32} and p.dtype == torch.float32
+
+
 def test_the_faithful_group_keeps_the_reference_settings():
     sound = {"lr": 0.003, "agent_steps": 4, "mask_cell": 4, "init_erase_p": 0.2}
     assert faithful_group(sound) == {**sound, **REFERENCE_APGA}

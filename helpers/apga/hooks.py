@@ -20,8 +20,10 @@ batch, the same schedule and the same validation looks):
   settings (:class:`APGAHook`) have sound defaults; the reference's values are
   :data:`helpers.apga.protocol.REFERENCE_APGA`.
 
-The extra steps use the loop's optimiser (and so its learning rate); they are taken in float32
-without the loop's gradient clipping. Their train-mode passes on masked images also move the
+The extra steps use the loop's optimiser (and so its learning rate) and the loop's precision
+(:meth:`helpers.train.Hook.autocast`: bf16 where fit's ``amp`` / ``cpu_amp`` applies, so that
+APGA's erased loss is taken in the precision of the clean loss it is compared with), without the
+loop's gradient clipping. Their train-mode passes on masked images also move the
 classifier's BatchNorm running statistics; the protocol re-estimates those on the clean training
 images before every evaluation (:mod:`helpers.apga.batchnorm`), for every method alike.
 
@@ -104,7 +106,9 @@ class SecondStepHook(Hook):
                         optimizer: torch.optim.Optimizer, extra_loss: torch.Tensor | None = None,
                         extra_optimizer: torch.optim.Optimizer | None = None) -> float:
         """One update of the classifier (and of ``extra_optimizer``'s parameters) on ``x2``; returns its loss."""
-        loss = self.criterion(model(x2).float(), y).mean()
+        with self.autocast():
+            out = model(x2)
+        loss = self.criterion(out.float(), y).mean()
         total = loss if extra_loss is None else loss + extra_loss
         optimizer.zero_grad(set_to_none=True)
         if extra_optimizer is not None:
@@ -224,7 +228,9 @@ class EndToEndHook(SecondStepHook):
         _to_device_state(self.opt, self.device)
 
     def after_step(self, x, y, model, optimizer) -> None:
-        z = self.masker(x).float()
+        with self.autocast():
+            z = self.masker(x)
+        z = z.float()
         p = torch.sigmoid(z)
         reg = (self.erase_coef * F.binary_cross_entropy_with_logits(z, torch.zeros_like(z))
                + self.keep_coef * F.binary_cross_entropy_with_logits(z, torch.ones_like(z)))
@@ -340,16 +346,20 @@ class APGAHook(SecondStepHook):
         self.agent.to(self.device).train()
         _to_device_state(self.opt, self.device)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, x: torch.Tensor, fp32: bool = False) -> torch.Tensor:
         """The policy's erase logits of ``x``, one per cell of ``mask_cell`` pixels (the agent's output
-        plus the ``init_erase_p`` offset, averaged over each cell), float32 ``(B, 1, h, w)``."""
-        return cell_logits(self.agent(x).float() + self.offset, self.mask_cell)
+        plus the ``init_erase_p`` offset, averaged over each cell), float32 ``(B, 1, h, w)``; the
+        agent runs in the loop's training precision unless ``fp32`` (evaluation, as fit's)."""
+        with self.autocast(enabled=not fp32):
+            out = self.agent(x)
+        return cell_logits(out.float() + self.offset, self.mask_cell)
 
     def erased_loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """Per-image loss of ``model`` on ``x`` with the ``action`` pixels erased, in ``model``'s current
         mode (no gradient)."""
-        with torch.no_grad():
-            return self.criterion(model(erase(x, action, self.fill)).float(), y)
+        with torch.no_grad(), self.autocast():
+            out = model(erase(x, action, self.fill))
+        return self.criterion(out.float(), y)
 
     def agent_update(self, reward: torch.Tensor, logits: torch.Tensor, log_prob: torch.Tensor,
                      entropy: torch.Tensor) -> dict:
@@ -424,7 +434,7 @@ class APGAHook(SecondStepHook):
         self.agent.eval()
         with torch.no_grad():
             x = x.to(self.device)
-            p = to_pixels(torch.sigmoid(self.logits(x)), self.mask_cell, x.shape[-2:])
+            p = to_pixels(torch.sigmoid(self.logits(x, fp32=True)), self.mask_cell, x.shape[-2:])
         self.agent.train(was)
         return p
 

@@ -139,9 +139,9 @@ def test_agent_steps_per_batch_and_the_record_of_the_whole_run():
     assert (entropy > 0).all() and (entropy <= np.log(2) + 1e-6).all()
 
 
-def _output_dtypes(module: nn.Module) -> set:
+def _output_dtypes(module: nn.Module, train_only: bool = False) -> set:
     seen = set()
-    module.register_forward_hook(lambda m, i, out: seen.add(out.dtype))
+    module.register_forward_hook(lambda m, i, out: seen.add(out.dtype) if m.training or not train_only else None)
     return seen
 
 
@@ -156,7 +156,7 @@ def test_the_agent_and_the_extra_steps_take_the_loops_precision(cpu_amp):
     agent_dtypes = _output_dtypes(agent)
     torch.manual_seed(0)
     model = create_model("cnn", 2, 1, widths=(8, 16))
-    clf_dtypes = _output_dtypes(model)
+    clf_dtypes = _output_dtypes(model, train_only=True)   # clean step, erased losses, inverse step
     loader = data_mod.TensorLoader(ds["train"], 16, shuffle=True, seed=0)
     fit(model, loader, data_mod.TensorLoader(ds["val"], 64), ds.task,
         FitConfig(epochs=1, lr=1e-4, schedule="none", progress="none", channels_last=False, cpu_amp=cpu_amp),
@@ -164,7 +164,7 @@ def test_the_agent_and_the_extra_steps_take_the_loops_precision(cpu_amp):
     want = torch.bfloat16 if cpu_amp else torch.float32
     assert hook.autocast_enabled is cpu_amp
     assert agent_dtypes == {want}
-    assert want in clf_dtypes     # train steps (evaluation adds float32 under cpu_amp)
+    assert clf_dtypes == {want}   # not one train-mode pass left in float32 (evaluation is float32 by design)
     agent_dtypes.clear()
     p = hook.erase_probability(next(iter(loader))[0][:2])
     assert agent_dtypes == {torch.float32} and p.dtype == torch.float32

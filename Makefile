@@ -8,7 +8,7 @@ export NO_ALBUMENTATIONS_UPDATE := 1
 # JupyterLab refuses to start as root without --allow-root (containers, CI).
 LAB_FLAGS := $(if $(filter 0,$(shell id -u)),--allow-root,)
 
-.PHONY: setup book book-all publish test test-fast browser lab clean-book
+.PHONY: setup book book-all publish stash test test-fast browser lab clean-book
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,6 +40,10 @@ book-all: setup
 # Copy a finished run to book/published/ (tracked), e.g. make publish RUN=nas_reference
 publish: setup
 	$(PY) -m helpers.book --publish $(RUN)
+
+# Copy an unfinished run's units (no weights) to book/partial/ (tracked) to resume it elsewhere
+stash: setup
+	$(PY) -m helpers.book --stash $(RUN)
 
 test: setup browser
 	$(PY) -m pytest -q -p no:cacheprovider

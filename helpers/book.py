@@ -6,6 +6,7 @@ Usage::
     python -m helpers.book --no-runs                # HTML from the runs already on disk
     python -m helpers.book --on-demand              # also the long runs marked ``on_demand``
     python -m helpers.book --publish nas_reference  # copy a finished run to book/published/ (tracked)
+    python -m helpers.book --stash ensemble_full    # copy an unfinished run's units to book/partial/ (tracked)
 
 ``book/_runs.yml`` is the one place for the book's metadata: its parts, the runs (notebook, params,
 title, parent page, what each run reads: ``needs``) and the measured cost of the long ones. The
@@ -17,6 +18,11 @@ A long (``on_demand``) run that has not been made on this machine is shown from 
 when it was published there (tracked in git: its executed page and small results, its final models'
 per-sample test scores, and their calibration and robustness computed at publishing where the
 weights were; never weights, checkpoints or data), and otherwise as a placeholder giving the command.
+
+A long run that outlasts the machine it runs on is carried over by ``--stash``: its finished units
+(records, histories, per-sample scores, folds, logs; never weights or checkpoints) go to
+``book/partial/`` (tracked), and the runner restores them on a machine that has none, so a later
+session resumes where the stash left off (:func:`stash`, :func:`unstash`).
 
 Notebooks are executed once, by papermill; jupyter-book only renders them (``execute_notebooks:
 "off"``), so pages and stored results never disagree. MathJax is served from the book itself
@@ -38,7 +44,7 @@ import nbformat
 import yaml
 
 from . import config
-from .results import atomic_write_text, provenance_row, read_json
+from .results import atomic_write_text, provenance_row, read_json, write_json
 from .run import RunError, command_for, paths, run_notebook
 
 MATHJAX_VERSION = "3.2.2"
@@ -55,6 +61,9 @@ PUBLISH_SCORES_MAX_BYTES = 20_000_000
 #: An executed page (its figures embedded) larger than this is refused: a full run's page of five
 #: targets' fold curves is about 2.2 MB.
 PUBLISH_PAGE_MAX_BYTES = 5_000_000
+#: Folders of a results folder a stash leaves out (weights and checkpoints), and its per-file cap.
+UNSTASHED_DIRS = {"models", "checkpoints"}
+STASH_MAX_BYTES = 5_000_000
 
 
 def book_spec(book: Path | None = None) -> dict:
@@ -248,6 +257,10 @@ def publish(run: str, book: Path | None = None, dest: Path | None = None, derive
                        f"may take. Fix: show fewer or smaller figures on the page (they stay in figures/).")
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+    stashed = target.parent.parent.parent / "partial" / stem / entry["name"]
+    if (stashed / "stash.json").is_file():   # the run is finished and published: its carry-over is spent
+        shutil.rmtree(stashed)
+        print(f"[pub ] {_run_id(entry)}: its stash {stashed} is deleted")
     size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
     print(f"[pub ] {_run_id(entry)} -> {target} ({sum(1 for f in target.rglob('*') if f.is_file())} files, "
           f"{size / 1e6:.2f} MB)" + (f"; left out (too large): {', '.join(skipped)}" if skipped else ""))
@@ -282,6 +295,96 @@ def _publish_derived(stem: str, name: str, results: Path, tmp: Path, robust_max_
           f"{tables['robustness'].groupby(['method', 'dataset', 'seed']).ngroups if len(tables['robustness']) else 0} "
           f"final models computed ({len(tables['robustness_skipped'])} skipped) in {time.perf_counter() - start:.0f} s")
     return skipped
+
+
+def partial_dir() -> Path:
+    """Where stashed (unfinished) runs live, tracked in git: ``<repo>/book/partial/<notebook>/<run>/``."""
+    return config.repo_root() / "book" / "partial"
+
+
+def stash(run: str, book: Path | None = None, dest: Path | None = None) -> Path:
+    """Copy the finished units of a run in progress (``name`` or ``<notebook>/<name>``) from ``book``
+    to ``dest`` (default :func:`partial_dir`), so that a later session on another machine resumes
+    from them: :func:`helpers.run.run_notebook` restores a stash into a results folder that holds no
+    units (:func:`unstash`).
+
+    Copied: the unit records, histories, per-sample scores, folds, logs, params and scope, each up
+    to :data:`STASH_MAX_BYTES`; never weights or checkpoints (:data:`UNSTASHED_DIRS`). Units whose
+    weights stay behind are listed in ``stash.json``; calibration and robustness at publishing cover
+    only units whose weights are on the machine that publishes. The
+    provenance record is closed with this execution's wall time so far, so the run's total counts it.
+    Unit fingerprints hold the code digest: units made by other code are redone, never reused.
+    Reading a left-behind unit's weights raises :meth:`helpers.results.Recorder.load_model`'s error,
+    which names the unit, except where a chapter retrains it (the APGA chapter's baselines).
+    """
+    book = book or config.book_dir()
+    entry = _find(planned_runs(book, ordered=False), run, str(book / "_runs.yml"))
+    stem = Path(entry["notebook"]).stem
+    _, results = paths(entry["notebook"], entry["name"], book)
+    if not (results / "units").is_dir() or not any((results / "units").glob("*.json")):
+        raise RunError(f"{stem}/{entry['name']} has no finished units in {results} to stash. "
+                       f"Fix: run it first: {command_for_entry(entry)}")
+    return stash_folder(results, (dest or partial_dir()) / stem / entry["name"], _run_id(entry))
+
+
+def stash_folder(results: Path, target: Path, run_id: str) -> Path:
+    """The copy behind :func:`stash`: ``results`` (a run's results folder) to ``target``."""
+    from .run import earlier_executions
+
+    units = sorted((results / "units").glob("*.json"))
+    tmp = target.with_name(f".{target.name}.stashing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    skipped = []
+    for src in sorted(results.rglob("*")):
+        rel = src.relative_to(results)
+        if not src.is_file() or set(rel.parts[:-1]) & UNSTASHED_DIRS or rel.parts[0].startswith(".") \
+                or src.suffix in {".pt", ".pth", ".ckpt", ".tmp"} or rel.name == "provenance.json":
+            continue
+        if src.stat().st_size > STASH_MAX_BYTES:
+            skipped.append(f"{rel} ({src.stat().st_size / 1e6:.1f} MB)")
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp / rel)
+    prov = read_json(results / "provenance.json") if (results / "provenance.json").is_file() else {}
+    if prov.get("status") != "complete":   # close this execution: its wall time so far joins the total
+        prov = {**prov, "status": "stashed", "earlier": earlier_executions(prov, results)}
+        prov.pop("wall_s", None)
+    weights = {p.stem for p in (results / "models").glob("*.pt")} if (results / "models").is_dir() else set()
+    info = {"run": run_id, "stashed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "commit": (prov.get("git") or {}).get("commit"), "params_sha256": prov.get("params_sha256"),
+            "units": len(units), "weights_left_behind": sorted(weights), "left_out": skipped}
+    write_json(tmp / "provenance.json", prov)
+    write_json(tmp / "stash.json", info)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    size = sum(f.stat().st_size for f in target.rglob("*") if f.is_file())
+    print(f"[stsh] {run_id} -> {target}: {len(units)} units ({size / 1e6:.2f} MB; weights of "
+          f"{len(weights)} left behind)" + (f"; left out (too large): {', '.join(skipped)}" if skipped else ""))
+    return target
+
+
+def unstash(stem: str, name: str, results: Path, params_sha256: str | None, source: Path | None = None) -> int:
+    """Restore the stash of run ``<stem>/<name>`` (see :func:`stash`) into ``results`` when that folder
+    holds no units of its own and the stash was made with the same params (``params_sha256``, as the
+    runner computes it). Returns the number of units restored (0: nothing to restore, or a stash of
+    other params, which is named and left alone)."""
+    src = (source or partial_dir()) / stem / name
+    if not (src / "stash.json").is_file() or ((results / "units").is_dir() and any((results / "units").iterdir())):
+        return 0
+    info = read_json(src / "stash.json")
+    if info.get("params_sha256") != params_sha256:
+        print(f"[stsh] {stem}/{name}: the stash in {src} was made with other params; not restored "
+              f"(delete it, or restore those params to resume from it)", flush=True)
+        return 0
+    for f in sorted(src.rglob("*")):
+        rel = f.relative_to(src)
+        if f.is_file() and rel.name != "stash.json" and not (results / rel).exists():
+            (results / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, results / rel)
+    print(f"[stsh] {stem}/{name}: restored {info['units']} units stashed {info['stashed_utc']} at commit "
+          f"{(info.get('commit') or 'unknown')[:10]}; weights of {len(info['weights_left_behind'])} were left "
+          f"behind there", flush=True)
+    return int(info["units"])
 
 
 def published_provenance(published: Path | None = None):
@@ -434,12 +537,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--publish", metavar="RUN", action="append",
                         help="copy the finished run RUN (a name of book/_runs.yml, e.g. nas_reference) to "
                              "book/published/ and stop; repeatable")
+    parser.add_argument("--stash", metavar="RUN", action="append",
+                        help="copy the finished units of the run RUN, finished or not, to book/partial/ (no "
+                             "weights) so a later session resumes from them, and stop; repeatable")
     parser.add_argument("--robust-max-images", type=int, default=None, metavar="N",
                         help="with --publish: score robustness on at most N test images per final model "
                              "(default: all)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.stash:
+            for run in args.stash:
+                stash(run)
+            return 0
         if args.publish:
             for run in args.publish:
                 publish(run, robust_max_images=args.robust_max_images)

@@ -175,6 +175,11 @@ class Recorder:
                                     f"with keep_model=True (train_and_test) or check the unit's keys.")
         return torch.load(path, map_location="cpu", weights_only=True)
 
+    def forget(self, **keys: Any) -> None:
+        """Drop a unit's record, so the next :meth:`unit` call recomputes it (its files are overwritten
+        then); e.g. a unit restored without the weights a later unit starts from."""
+        (self.root / "units" / f"{unit_name(**keys)}.json").unlink(missing_ok=True)
+
     def has_unit(self, **keys: Any) -> bool:
         return (self.root / "units" / f"{unit_name(**keys)}.json").is_file()
 

@@ -278,6 +278,8 @@ def earlier_executions(old: dict, results: Path) -> list[dict]:
     (``--force``, changed code) starts its count afresh."""
     if not old.get("started_utc") or old.get("status") == "complete":
         return []
+    if old.get("status") == "stashed":   # restored from a stash, which closed its executions (helpers.book.stash)
+        return list(old.get("earlier") or [])
     wall = old.get("wall_s")
     if wall is None:
         last = max((f.stat().st_mtime for f in results.rglob("*") if f.is_file()), default=0.0)
@@ -378,6 +380,8 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
     """Execute one run (or skip it if unchanged and finished); returns its provenance record.
 
     Stored units are reused (resume) only when they were made with the same notebook and params;
+    a results folder with no units first takes those of a stash of the same params (``book/partial/``,
+    :func:`helpers.book.stash`), so a run carried over from another machine resumes;
     otherwise, or with ``fresh=True``, the old results folder is moved to ``.stale/`` and the run
     starts afresh. ``force=True`` re-executes an unchanged run, reusing its units.
     """
@@ -403,8 +407,12 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         shutil.rmtree(config.cache_dir("checkpoints") / notebook.stem / run_name, ignore_errors=True)
         why = "--fresh" if fresh else "its notebook or params changed"
         print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
-    earlier = earlier_executions(old, results) if results.is_dir() else []
     results.mkdir(parents=True, exist_ok=True)
+    if not fresh:   # units stashed by an earlier session on another machine (helpers.book.stash)
+        from .book import unstash
+        if unstash(notebook.stem, run_name, results, pdigest):
+            old = read_json(prov_path) if prov_path.is_file() else {}
+    earlier = earlier_executions(old, results)
     atomic_write_text(results / "params.yaml", stored_params_text(notebook, params, profile, run_name))
     busy = cpu_busy()
     warning = contention_warning(busy, params.get("threads"))

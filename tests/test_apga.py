@@ -224,3 +224,31 @@ def test_comparisons_and_outcomes():
     assert [outcome(r) for _, r in table.iterrows()] == ["won", "won"]
     assert outcome({"mean_diff": -0.1, "p": 0.001}) == "lost" and outcome({"mean_diff": 0.1, "p": 0.2}) == "tied"
     assert "won 1, lost 0 and tied 0 of 1" in outcome_sentence(table, "test accuracy")
+
+
+# ---- a run carried over by a stash (helpers.book.stash leaves weights behind) -----------------------
+def test_a_stashed_baseline_without_weights_is_retrained_only_when_a_method_needs_it(tmp_path):
+    from helpers.apga.protocol import run_protocol
+    from helpers.results import Recorder
+
+    ds = _toy_ds((12, 12), size=16)
+    rec = Recorder(tmp_path)
+    kw = dict(seeds=[0], ks=[4], model="cnn", model_kwargs={"widths": [4, 8]}, batch_size=8,
+              pretrain=FitConfig(epochs=1, progress="none", channels_last=False),
+              cfg=FitConfig(epochs=1, lr=1e-4, progress="none", channels_last=False, schedule="none"),
+              agent={"model": "unet_small", "kwargs": {"widths": [4, 8]}}, apga={"agent_steps": 1},
+              end2end={}, cutout={}, gradcam={}, probe_n=2, precise_bn=False)
+    run_protocol(rec, ds, methods=["clean"], **kw)
+    pre = next(u["keys"] for u in rec.units() if u["keys"]["method"] == "pretrain")
+    made = rec.load_unit(**pre)["fingerprint"]
+    rec.model_path(**pre).unlink()                       # as a restored stash leaves it
+    run_protocol(rec, ds, methods=["clean"], **kw)       # every method unit stored: nothing retrained
+    assert not rec.model_path(**pre).is_file()
+    old_clean = next(u["keys"] for u in rec.units() if u["keys"]["method"] == "clean")
+    run_protocol(rec, ds, methods=["clean", "cutout"], **kw)   # cutout starts from the baseline: retrained
+    assert rec.model_path(**pre).is_file() and rec.load_unit(**pre)["fingerprint"] == made
+    cleans = [u["keys"] for u in rec.units() if u["keys"]["method"] == "clean"]
+    assert len(cleans) == 1                               # one clean unit per k and seed, never two
+    new_variant = cleans[0].get("variant")
+    assert rec.has_unit(**old_clean) == (old_clean.get("variant") == new_variant)
+    assert [u["keys"]["method"] for u in rec.units()].count("cutout") == 1

@@ -282,7 +282,11 @@ def test_publish_copies_the_page_and_small_results_only(tmp_path, capsys):
     book = _book(tmp_path, PUBLISHABLE)
     _finished_run(book)
     dest = tmp_path / "published"
+    stashed = tmp_path / "partial" / "nas" / "nas_ref"   # its carry-over from another machine
+    (stashed / "units").mkdir(parents=True)
+    (stashed / "stash.json").write_text("{}")
     target = book_mod.publish("nas_ref", book, dest, derive=False)   # fake units: nothing to rebuild
+    assert not stashed.exists()                                       # spent once the run is published
     assert target == dest / "nas" / "nas_ref"
     files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     assert files == {"page.ipynb", "provenance.json", "params.yaml", "metrics.csv", "units/strategy=rl__seed=0.json",
@@ -351,6 +355,18 @@ def test_published_runs_hold_no_weights_data_or_per_sample_arrays():
         assert sum(p.stat().st_size for p in run.rglob("*.npz")) <= book_mod.PUBLISH_SCORES_MAX_BYTES
     for page in folder.glob("*/*/page.ipynb"):
         assert nbformat.read(page, as_version=4).metadata["rlmed"]["published"]
+
+
+def test_stashed_runs_hold_no_weights_or_checkpoints():
+    folder = book_mod.partial_dir()
+    if not folder.is_dir():
+        pytest.skip("nothing stashed")
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    bad = [p for p in files if set(p.relative_to(folder).parts) & book_mod.UNSTASHED_DIRS
+           or p.suffix in {".pt", ".pth", ".ckpt"} or p.stat().st_size > book_mod.STASH_MAX_BYTES]
+    assert not bad
+    for run in folder.glob("*/*"):
+        assert (run / "stash.json").is_file() and (run / "units").is_dir()
 
 
 def test_every_build_rerenders_every_page_so_glued_numbers_are_never_stale(tmp_path, monkeypatch):

@@ -734,3 +734,61 @@ def test_an_agents_kwargs_are_checked_against_its_model(tmp_path):
     bad.write_text("agent_small: {model: unet_small, kwargs: !replace {encoder: vgg11}}\n")   # smp_unet's option
     with pytest.raises(ParamsError, match=r"'agent_small.kwargs' holds .*which unet_small does not take"):
         run.resolve(root / "notebooks" / "apga.ipynb", bad, "smoke")
+
+
+def test_a_stashed_run_resumes_on_a_machine_that_has_none_of_its_units(tmp_path, book, monkeypatch, capsys):
+    """helpers.book.stash carries an unfinished run's units (never weights) to book/partial/; the runner
+    restores them into an empty results folder made with the same params, counts the stashed
+    execution in the run's wall time, and leaves a stash of other params alone."""
+    import os
+
+    from helpers import book as book_mod
+
+    nb = make_notebook(tmp_path / "nbs" / "tiny.ipynb")
+    pf = write_params(tmp_path / "params" / "long.yaml", {"fail": True})
+    with pytest.raises(run.RunError):   # an execution that stopped half-way, leaving units behind
+        run.run_notebook(nb, pf, "smoke")
+    res = book / "results" / "tiny" / "long"
+    rec = Recorder(res)
+    rec.save_unit({"seed": 0}, {"val/acc": 0.5}, history=pd.DataFrame({"epoch": [1]}),
+                  scores={"test_scores": np.zeros((3, 2))})
+    rec.save_model({"seed": 0}, {"w": __import__("torch").zeros(2)})
+    atomic_write_text(res / "checkpoints" / "seed=0.pt", "ckpt")
+    atomic_write_text(res / "folds" / "seed0.json", "[]")
+    prov = json.loads((res / "provenance.json").read_text())
+    partial = tmp_path / "partial"
+    target = book_mod.stash_folder(res, partial / "tiny" / "long", "tiny/long")
+    files = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
+    assert {"units/seed=0.json", "history/seed=0.csv", "scores/seed=0.npz", "folds/seed0.json", "params.yaml",
+            "provenance.json", "stash.json", "metrics.csv"} <= files
+    assert not any(f.startswith(("models/", "checkpoints/")) or f.endswith(".pt") for f in files)
+    info = json.loads((target / "stash.json").read_text())
+    assert info["units"] == 1 and info["weights_left_behind"] == ["seed=0"]
+    assert info["params_sha256"] == prov["params_sha256"] and info["commit"] == "0" * 40
+    closed = json.loads((target / "provenance.json").read_text())
+    assert closed["status"] == "stashed" and [e["wall_s"] for e in closed["earlier"]] == [prov["wall_s"]]
+
+    # another machine: no results at all; the runner restores the stash, then the run finishes
+    import shutil
+    shutil.rmtree(book)
+    monkeypatch.setattr(book_mod, "partial_dir", lambda: partial)
+    write_params(pf, {"fail": False})   # other params than the stash's
+    capsys.readouterr()
+    record = run.run_notebook(nb, pf, "smoke")
+    assert "made with other params; not restored" in capsys.readouterr().out and record["status"] == "complete"
+    assert not (res / "units").exists()           # a stash of other params is not restored
+    shutil.rmtree(book)
+    write_params(pf, {"fail": True})
+    with pytest.raises(run.RunError):             # same params as the stash: restored before executing
+        run.run_notebook(nb, pf, "smoke")
+    assert (res / "units" / "seed=0.json").is_file() and (res / "scores" / "seed=0.npz").is_file()
+    assert not (res / "models").exists()
+    again = json.loads((res / "provenance.json").read_text())
+    assert [e["wall_s"] for e in again["earlier"]] == [prov["wall_s"]]   # the stashed execution counts
+    assert again["wall_s_total"] == pytest.approx(again["wall_s"] + prov["wall_s"])
+    os.remove(res / "params.yaml")   # a folder with units of its own is never overwritten by a stash
+    assert book_mod.unstash("tiny", "long", res, again["params_sha256"], partial) == 0
+    assert not (res / "params.yaml").exists()
+    with pytest.raises(run.RunError):             # --fresh ignores the stash
+        run.run_notebook(nb, pf, "smoke", fresh=True)
+    assert not (res / "units").exists()

@@ -192,11 +192,24 @@ def run_protocol(recorder: Recorder, ds: data_mod.MedMNIST, *, methods: Sequence
                             for m in steps if m in methods}})
             pre_keys = {**keys, "method": "pretrain"}
             scorer = PreciseBNScorer(sub["train"], sub.task, batch_size) if precise_bn else None
+            settings = unit_settings(model, model_kwargs=model_kwargs)
+            stored = {**pre_keys, **({"variant": digest(settings)[:8]} if settings else {})}
+            stashed = recorder.has_unit(**stored) and not recorder.model_path(**stored).is_file()
+            if stashed:   # restored from a stash (helpers.book.stash), which leaves weights behind
+                done = [u["keys"] for u in recorder.units() if u["keys"].get("method") in methods
+                        and all(u["keys"].get(c) == v for c, v in keys.items())]
+                if {u["method"] for u in done} >= set(methods):
+                    continue   # every method unit of this k and seed is stored: nothing reads the weights
+                recorder.forget(**stored)   # the methods start from its weights: retrain it
             train_and_test(recorder, sub, model, seed, pretrain, batch_size=batch_size, unit=pre_keys,
                            keep_model=True, evaluate_on=("val",), model_kwargs=model_kwargs, device=device,
                            scorer=scorer)
-            settings = unit_settings(model, model_kwargs=model_kwargs)
-            weights = recorder.load_model(**pre_keys, **({"variant": digest(settings)[:8]} if settings else {}))
+            weights = recorder.load_model(**stored)
+            if stashed:   # a method unit's name holds its initial weights' digest: drop those of the old ones
+                variant = digest(unit_settings(model, model_kwargs=model_kwargs, init_from=weights))[:8]
+                for u in done:
+                    if u.get("variant") != variant:
+                        recorder.forget(**u)
             base = create_model(model, num_classes=sub.n_classes, in_chans=sub.n_channels, **dict(model_kwargs or {}))
             base.load_state_dict(weights)
             for method in methods:

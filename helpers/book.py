@@ -200,6 +200,24 @@ def _published_banner(text: str, stem: str, name: str) -> str:
     return text.replace(where, note) if where in text else text
 
 
+def _copy_small_files(results: Path, tmp: Path, skip_dirs: set, skip_suffixes: set, max_bytes: int,
+                      skip_names: set = frozenset()) -> list[str]:
+    """Copy the files of ``results`` to ``tmp`` but those under ``skip_dirs``, hidden ones, those with
+    ``skip_suffixes`` or ``skip_names``, and those over ``max_bytes`` (returned, with their sizes)."""
+    skipped = []
+    for src in sorted(results.rglob("*")):
+        rel = src.relative_to(results)
+        if not src.is_file() or set(rel.parts[:-1]) & skip_dirs or rel.parts[0].startswith(".") \
+                or src.suffix in skip_suffixes or rel.name in skip_names:
+            continue
+        if src.stat().st_size > max_bytes:
+            skipped.append(f"{rel} ({src.stat().st_size / 1e6:.1f} MB)")
+            continue
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, tmp / rel)
+    return skipped
+
+
 def publish(run: str, book: Path | None = None, dest: Path | None = None, derive: bool = True,
             robust_max_images: int | None = None, data_root=None) -> Path:
     """Copy a finished run (``name`` or ``<notebook>/<name>``) from ``book`` to ``dest``
@@ -229,17 +247,7 @@ def publish(run: str, book: Path | None = None, dest: Path | None = None, derive
     target = (dest or published_dir()) / stem / entry["name"]
     tmp = target.with_name(f".{entry['name']}.publishing")
     shutil.rmtree(tmp, ignore_errors=True)
-    skipped = []
-    for src in sorted(results.rglob("*")):
-        rel = src.relative_to(results)
-        if not src.is_file() or set(rel.parts[:-1]) & UNPUBLISHED_DIRS or rel.parts[0].startswith(".") \
-                or src.suffix in UNPUBLISHED_SUFFIXES:
-            continue
-        if src.stat().st_size > PUBLISH_MAX_BYTES:
-            skipped.append(f"{rel} ({src.stat().st_size / 1e6:.1f} MB)")
-            continue
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, tmp / rel)
+    skipped = _copy_small_files(results, tmp, UNPUBLISHED_DIRS, UNPUBLISHED_SUFFIXES, PUBLISH_MAX_BYTES)
     if derive:
         skipped += _publish_derived(stem, entry["name"], results, tmp, robust_max_images, data_root)
     for cell in nb.cells:
@@ -334,17 +342,8 @@ def stash_folder(results: Path, target: Path, run_id: str) -> Path:
     units = sorted((results / "units").glob("*.json"))
     tmp = target.with_name(f".{target.name}.stashing")
     shutil.rmtree(tmp, ignore_errors=True)
-    skipped = []
-    for src in sorted(results.rglob("*")):
-        rel = src.relative_to(results)
-        if not src.is_file() or set(rel.parts[:-1]) & UNSTASHED_DIRS or rel.parts[0].startswith(".") \
-                or src.suffix in {".pt", ".pth", ".ckpt", ".tmp"} or rel.name == "provenance.json":
-            continue
-        if src.stat().st_size > STASH_MAX_BYTES:
-            skipped.append(f"{rel} ({src.stat().st_size / 1e6:.1f} MB)")
-            continue
-        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src, tmp / rel)
+    skipped = _copy_small_files(results, tmp, UNSTASHED_DIRS, {".pt", ".pth", ".ckpt", ".tmp"}, STASH_MAX_BYTES,
+                                skip_names={"provenance.json"})
     prov = read_json(results / "provenance.json") if (results / "provenance.json").is_file() else {}
     if prov.get("status") != "complete":   # close this execution: its wall time so far joins the total
         prov = {**prov, "status": "stashed", "earlier": earlier_executions(prov, results)}

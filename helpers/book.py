@@ -346,8 +346,7 @@ def stash_folder(results: Path, target: Path, run_id: str) -> Path:
                                 skip_names={"provenance.json"})
     prov = read_json(results / "provenance.json") if (results / "provenance.json").is_file() else {}
     if prov.get("status") != "complete":   # close this execution: its wall time so far joins the total
-        prov = {**prov, "status": "stashed", "earlier": earlier_executions(prov, results)}
-        prov.pop("wall_s", None)
+        prov = {**prov, "status": "stashed", "wall_s": (earlier_executions(prov, results) or [{}])[-1].get("wall_s")}
     weights = {p.stem for p in (results / "models").glob("*.pt")} if (results / "models").is_dir() else set()
     info = {"run": run_id, "stashed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "commit": (prov.get("git") or {}).get("commit"), "params_sha256": prov.get("params_sha256"),

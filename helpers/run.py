@@ -278,8 +278,6 @@ def earlier_executions(old: dict, results: Path) -> list[dict]:
     (``--force``, changed code) starts its count afresh."""
     if not old.get("started_utc") or old.get("status") == "complete":
         return []
-    if old.get("status") == "stashed":   # restored from a stash, which closed its executions (helpers.book.stash)
-        return list(old.get("earlier") or [])
     wall = old.get("wall_s")
     if wall is None:
         last = max((f.stat().st_mtime for f in results.rglob("*") if f.is_file()), default=0.0)

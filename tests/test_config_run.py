@@ -766,7 +766,16 @@ def test_a_stashed_run_resumes_on_a_machine_that_has_none_of_its_units(tmp_path,
     assert info["units"] == 1 and info["weights_left_behind"] == ["seed=0"]
     assert info["params_sha256"] == prov["params_sha256"] and info["commit"] == "0" * 40
     closed = json.loads((target / "provenance.json").read_text())
-    assert closed["status"] == "stashed" and [e["wall_s"] for e in closed["earlier"]] == [prov["wall_s"]]
+    assert closed["status"] == "stashed" and closed["wall_s"] == prov["wall_s"] and "earlier" not in closed
+    killed = {**prov, "status": "running", "started_utc": "2026-01-01T10:00:00+00:00"}   # stopped with its machine
+    del killed["wall_s"]
+    (res / "provenance.json").write_text(json.dumps(killed))
+    t0 = __import__("datetime").datetime.fromisoformat(killed["started_utc"]).timestamp()
+    for f in res.rglob("*"):
+        os.utime(f, (t0 + 900, t0 + 900))
+    other = book_mod.stash_folder(res, partial / "killed", "tiny/long")
+    assert json.loads((other / "provenance.json").read_text())["wall_s"] == 900.0   # timed to its last write
+    (res / "provenance.json").write_text(json.dumps(prov))
 
     # another machine: no results at all; the runner restores the stash, then the run finishes
     import shutil

@@ -91,7 +91,7 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
                    evaluate_on: Sequence[str] = ("val", "test"), keep_model: bool = False,
                    criterion=None, param_groups_fn=None, data_tag: str | None = None,
                    scorer=None, num_outputs: int | None = None,
-                   sample_weights: torch.Tensor | None = None) -> dict:
+                   sample_weights: torch.Tensor | None = None, dry_run: bool = False) -> dict | bool:
     """Train, select the best epoch on val, evaluate on ``evaluate_on``, store the unit; return metrics.
 
     The one supervised unit of every chapter. Its key is ``unit`` (default flag, model, seed) plus a
@@ -115,6 +115,8 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
     * ``sampler="weighted"`` draws class-balanced batches; ``class_weighting="balanced"`` weights the loss.
     * ``sample_weights``: one weight per training image for a weighted sampler with replacement (e.g.
       oversampling images a model got wrong); it replaces ``sampler`` and enters the fingerprint.
+    * ``dry_run``: train nothing; return whether the unit is stored with this fingerprint (so would
+      be reused), e.g. to decide whether work that depends on the unit's weights can be skipped.
 
     Under ``torchrun`` (DDP), every rank trains on its shard of each epoch; only rank 0 evaluates
     and stores, and every rank returns the stored metrics.
@@ -146,6 +148,8 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
 
     # the unit's code: the shared modules plus the chapter packages its hooks and criterion come from
     code = unit_code_digest(uses=packages_used(*hooks, criterion, param_groups_fn, scorer))
+    if dry_run:
+        return recorder.is_current(keys, fingerprint=fingerprint, code=code)
 
     def compute() -> dict | None:
         dev = resolve_device(device)

@@ -138,21 +138,31 @@ class Recorder:
         """
         from .repro import unit_code_digest
 
-        fp = digest({"unit": dict(fingerprint or {}), "code": code or unit_code_digest()})
-        path = self.root / "units" / f"{unit_name(**keys)}.json"
-        if path.is_file():
-            stored = read_json(path)
-            if stored.get("fingerprint") == fp:
-                return stored
+        code = code or unit_code_digest()
+        if self.is_current(keys, fingerprint=fingerprint, code=code):
+            return self.load_unit(**keys)
+        if self.has_unit(**keys):
             print(f"[redo] unit {unit_name(**keys)}: made with other settings or code", flush=True)
         out = compute()
         if out is None:
             return None
         if out.get("model") is not None:
             self.save_model(keys, out["model"])
+        fp = digest({"unit": dict(fingerprint or {}), "code": code})
         self.save_unit(keys, out["metrics"], history=out.get("history"), scores=out.get("scores"),
-                       extra={**dict(out.get("extra") or {}), "fingerprint": fp})
+                       extra={**dict(out.get("extra") or {}), "fingerprint": fp, "code_digest": code})
         return self.load_unit(**keys)
+
+    def is_current(self, keys: Mapping[str, Any], *, fingerprint: Mapping[str, Any] | None = None,
+                   code: str | None = None) -> bool:
+        """Whether unit ``keys`` is stored with this ``fingerprint`` and ``code`` (what :meth:`unit`
+        reuses). Each unit made by :meth:`unit` also holds its ``code_digest`` in the clear, so a
+        caller can tell whether a unit came from this code without rebuilding its whole fingerprint."""
+        from .repro import unit_code_digest
+
+        path = self.root / "units" / f"{unit_name(**keys)}.json"
+        fp = digest({"unit": dict(fingerprint or {}), "code": code or unit_code_digest()})
+        return path.is_file() and read_json(path).get("fingerprint") == fp
 
     def save_model(self, keys: Mapping[str, Any], state: Mapping[str, Any]) -> Path:
         """Store a unit's weights (a state dict) as ``models/<unit>.pt``, atomically."""

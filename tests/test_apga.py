@@ -228,8 +228,8 @@ def test_comparisons_and_outcomes():
 
 # ---- a run carried over by a stash (helpers.book.stash leaves weights behind) -----------------------
 def test_a_stashed_baseline_without_weights_is_retrained_only_when_a_method_needs_it(tmp_path):
-    from helpers.apga.protocol import run_protocol
-    from helpers.results import Recorder
+    from helpers.apga.protocol import method_code, run_protocol
+    from helpers.results import Recorder, read_json, unit_name, write_json
 
     ds = _toy_ds((12, 12), size=16)
     rec = Recorder(tmp_path)
@@ -245,6 +245,19 @@ def test_a_stashed_baseline_without_weights_is_retrained_only_when_a_method_need
     run_protocol(rec, ds, methods=["clean"], **kw)       # every method unit stored: nothing retrained
     assert not rec.model_path(**pre).is_file()
     old_clean = next(u["keys"] for u in rec.units() if u["keys"]["method"] == "clean")
+    assert rec.load_unit(**old_clean)["code_digest"] == method_code()
+
+    # a unit made by other code (a stash resumed on another commit) is not kept on trust
+    for keys in (old_clean, pre):
+        path = tmp_path / "units" / f"{unit_name(**keys)}.json"
+        write_json(path, {**read_json(path), "code_digest": "other code", "fingerprint": "other code"})
+        run_protocol(rec, ds, methods=["clean"], **kw)
+        assert rec.model_path(**pre).is_file(), f"{keys['method']} made by other code: the baseline must be retrained"
+        assert rec.load_unit(**pre)["fingerprint"] == made
+        clean = next(u for u in rec.units() if u["keys"]["method"] == "clean")
+        assert clean["code_digest"] == method_code() and clean["fingerprint"] != "other code"
+        rec.model_path(**pre).unlink()
+    old_clean = clean["keys"]
     run_protocol(rec, ds, methods=["clean", "cutout"], **kw)   # cutout starts from the baseline: retrained
     assert rec.model_path(**pre).is_file() and rec.load_unit(**pre)["fingerprint"] == made
     cleans = [u["keys"] for u in rec.units() if u["keys"]["method"] == "clean"]

@@ -584,9 +584,11 @@ def test_recorder_unit_is_redone_when_the_code_changes(tmp_path, monkeypatch):
     calls = []
     compute = lambda: calls.append(1) or {"metrics": {"m": 1}}  # noqa: E731
     rec.unit({"seed": 0}, compute)
+    assert rec.is_current({"seed": 0}) and rec.load_unit(seed=0)["code_digest"] == repro.unit_code_digest()
     monkeypatch.setattr(repro, "unit_code_digest", lambda *a, **k: "other code")
+    assert not rec.is_current({"seed": 0})
     rec.unit({"seed": 0}, compute)
-    assert len(calls) == 2
+    assert len(calls) == 2 and rec.load_unit(seed=0)["code_digest"] == "other code"
 
 
 def test_unit_code_digest_covers_training_code_but_not_presentation(tmp_path):

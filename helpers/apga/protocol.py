@@ -24,6 +24,7 @@ from .. import data as data_mod
 from ..config import ParamsError
 from ..experiment import train_and_test, unit_settings
 from ..models import create_model
+from ..repro import packages_used, unit_code_digest
 from ..results import Recorder, digest
 from ..stats import compare_pairs, holm
 from ..train import FitConfig
@@ -155,6 +156,12 @@ def agent_for(size: int, small: Mapping[str, Any], large: Mapping[str, Any]) -> 
     return large if size % 32 == 0 else small
 
 
+def method_code(scorer=None) -> str:
+    """The code digest a method unit of :func:`run_protocol` is made with (its hooks all come from
+    :mod:`helpers.apga.hooks`), as stored in the clear in the unit's record (``code_digest``)."""
+    return unit_code_digest(uses=packages_used(APGAHook, scorer))
+
+
 def run_protocol(recorder: Recorder, ds: data_mod.MedMNIST, *, methods: Sequence[str], seeds: Sequence[int],
                  ks: Sequence[int | None], model: str, pretrain: FitConfig, cfg: FitConfig, batch_size: int,
                  agent: Mapping[str, Any], apga: Mapping[str, Any], end2end: Mapping[str, Any],
@@ -194,16 +201,19 @@ def run_protocol(recorder: Recorder, ds: data_mod.MedMNIST, *, methods: Sequence
             scorer = PreciseBNScorer(sub["train"], sub.task, batch_size) if precise_bn else None
             settings = unit_settings(model, model_kwargs=model_kwargs)
             stored = {**pre_keys, **({"variant": digest(settings)[:8]} if settings else {})}
+            baseline = dict(batch_size=batch_size, unit=pre_keys, keep_model=True, evaluate_on=("val",),
+                            model_kwargs=model_kwargs, device=device, scorer=scorer)
             stashed = recorder.has_unit(**stored) and not recorder.model_path(**stored).is_file()
             if stashed:   # restored from a stash (helpers.book.stash), which leaves weights behind
-                done = [u["keys"] for u in recorder.units() if u["keys"].get("method") in methods
+                done = [u for u in recorder.units() if u["keys"].get("method") in methods
                         and all(u["keys"].get(c) == v for c, v in keys.items())]
-                if {u["method"] for u in done} >= set(methods):
-                    continue   # every method unit of this k and seed is stored: nothing reads the weights
+                if ({u["keys"]["method"] for u in done} >= set(methods)
+                        and train_and_test(recorder, sub, model, seed, pretrain, dry_run=True, **baseline)
+                        and all(u.get("code_digest") == method_code(scorer) for u in done)):
+                    continue   # every method unit of this k and seed is stored, by this code: nothing reads the weights
                 recorder.forget(**stored)   # the methods start from its weights: retrain it
-            train_and_test(recorder, sub, model, seed, pretrain, batch_size=batch_size, unit=pre_keys,
-                           keep_model=True, evaluate_on=("val",), model_kwargs=model_kwargs, device=device,
-                           scorer=scorer)
+                done = [u["keys"] for u in done]
+            train_and_test(recorder, sub, model, seed, pretrain, **baseline)
             weights = recorder.load_model(**stored)
             if stashed:   # a method unit's name holds its initial weights' digest: drop those of the old ones
                 variant = digest(unit_settings(model, model_kwargs=model_kwargs, init_from=weights))[:8]

@@ -58,7 +58,8 @@ _CODE_DIGEST: dict[tuple, str] = {}
 #: Files that only present stored results (pages, tables, figures, sentences, the runner): a change
 #: to them re-renders pages but does not redo units. Every other file of the package shapes units.
 PRESENTATION = ("book.py", "page.py", "plots.py", "report.py", "stats.py", "run.py", "sphinx_ext.py",
-                "reference.py", "nas/analysis.py", "nas/protocol.py", "noise/figures.py")
+                "reference.py", "nas/analysis.py", "nas/protocol.py", "noise/figures.py", "ensemble/figures.py",
+                "folds/figures.py", "apga/plots.py")
 #: Subpackages of ``helpers`` that every unit may import (the model registry); every other
 #: subpackage (``nas``, ``rl``, one per chapter) shapes only the units that use it.
 SHARED_SUBPACKAGES = ("models",)

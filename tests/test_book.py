@@ -171,6 +171,19 @@ def test_executed_pages_open_with_their_run_box(built_book):
 
 
 @pytest.mark.slow
+def test_pages_show_every_figure_their_run_saved(built_book):
+    """A figure saved to figures/ is also drawn on the page (a helper that chose a non-inline
+    backend at import once left the ensemble's figures saved but never shown)."""
+    for record in executed(built_book["records"]):
+        stem = Path(record["notebook"]).stem
+        nb = json.loads((built_book["root"] / "runs" / stem / f"{record['run_name']}.ipynb").read_text())
+        shown = sum(1 for c in nb["cells"] if c["cell_type"] == "code" for o in c.get("outputs", [])
+                    if "image/png" in o.get("data", {}) or "image/svg+xml" in o.get("data", {}))
+        saved = list((built_book["root"] / "results" / stem / record["run_name"] / "figures").glob("*.png"))
+        assert shown >= len(saved), (stem, record["run_name"], shown, [p.name for p in saved])
+
+
+@pytest.mark.slow
 def test_pages_carry_no_raw_training_log(built_book):
     """Per-epoch lines go to <results>/logs/train.log; a long output that is left is collapsed."""
     import nbformat

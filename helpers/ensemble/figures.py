@@ -4,15 +4,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from ..results import Recorder  # noqa: E402
-from .pipeline import LABELS  # noqa: E402
+from ..results import Recorder
+from .pipeline import LABELS
 
 __all__ = ["combiner_histories", "trajectories", "gate_histogram", "reward_curves"]
 

@@ -225,6 +225,25 @@ def scope_of(notebook: str, namespace: Mapping[str, Any]) -> dict:
     return {k: namespace[k] for k in names if k not in skip and k in namespace}
 
 
+def inline_figures() -> bool:
+    """In a Jupyter kernel, switch matplotlib back to the inline backend if anything imported
+    before the page opened chose another (e.g. ``matplotlib.use("Agg")``), under which figures are
+    saved but never shown on the page. Returns whether it switched; outside a kernel it does nothing."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or getattr(shell, "kernel", None) is None:
+        return False
+    import matplotlib
+
+    if "inline" in matplotlib.get_backend():
+        return False
+    shell.run_line_magic("matplotlib", "inline")
+    return True
+
+
 def open_page(notebook: str, run_name: str = "default", results_dir: str | os.PathLike | None = None,
               params: Mapping[str, Any] | None = None) -> Page:
     """Open a page's results folder and point the training log at ``<results>/logs/train.log``.
@@ -233,7 +252,9 @@ def open_page(notebook: str, run_name: str = "default", results_dir: str | os.Pa
     edited the parameters cell in JupyterLab and ran all) has them set aside first, so the page's
     tables only ever show units of the parameters it was run with. A ``threads`` parameter (an int;
     None or absent: torch's default) sets torch's CPU threads first: small 28 px models gain little
-    from a second thread, and lose much when the cores are shared."""
+    from a second thread, and lose much when the cores are shared. In a kernel, it also makes sure
+    the figures drawn after it show on the page (:func:`inline_figures`)."""
+    inline_figures()
     threads = (params or {}).get("threads")
     if threads:
         import torch

@@ -271,12 +271,14 @@ def command_for(record: dict) -> str:
     return " ".join(cmd)
 
 
-def earlier_executions(old: dict, results: Path) -> list[dict]:
-    """The unfinished executions of a run before this one, whose units it resumes from, oldest first:
-    start, status and wall time. An execution that was killed before it could write its record is
-    timed to the last file it wrote in ``results``. None after a finished execution: a run made again
-    (``--force``, changed code) starts its count afresh."""
-    if not old.get("started_utc") or old.get("status") == "complete":
+def earlier_executions(old: dict, results: Path, forced: bool = False) -> list[dict]:
+    """The executions of a run before this one, whose units it resumes from, oldest first: start,
+    status and wall time. An execution that was killed before it could write its record is timed to
+    the last file it wrote in ``results``. After a finished execution the count starts afresh, except
+    for a ``forced`` one (``--force``: the same notebook and params made again, reusing the units of
+    the executions before it, e.g. to re-render the page with newer presentation code); ``--fresh``
+    or changed params always start afresh (the runner moves the old results aside)."""
+    if not old.get("started_utc") or (old.get("status") == "complete" and not forced):
         return []
     wall = old.get("wall_s")
     if wall is None:
@@ -403,7 +405,7 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         shutil.rmtree(config.cache_dir("checkpoints") / notebook.stem / run_name, ignore_errors=True)
         why = "--fresh" if fresh else "its notebook or params changed"
         print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
-    earlier = earlier_executions(old, results) if results.is_dir() else []
+    earlier = earlier_executions(old, results, forced=force) if results.is_dir() else []
     results.mkdir(parents=True, exist_ok=True)
     atomic_write_text(results / "params.yaml", stored_params_text(notebook, params, profile, run_name))
     busy = cpu_busy()

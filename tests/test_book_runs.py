@@ -112,6 +112,8 @@ def test_a_resumed_run_counts_the_executions_it_resumed_from(tmp_path):
     assert [e["wall_s"] for e in both] == [600.0, 30.0]
     assert earlier_executions({}, tmp_path) == []
     assert earlier_executions({**failed, "status": "complete"}, tmp_path) == []   # made again: counted afresh
+    forced = earlier_executions({**failed, "status": "complete"}, tmp_path, forced=True)   # --force reuses its units
+    assert forced == [*first, {"started_utc": failed["started_utc"], "status": "complete", "wall_s": 30.0}]
     rec = {"notebook": "notebooks/nas.ipynb", "params_file": "params/nas.yaml", "profile": "full", "run_name": "nas",
            "seeds": [0], "git": {"commit": "0123456789"}, "device": {"cpu_count": 2}, "earlier": both,
            **_walls(both, 70.0)}

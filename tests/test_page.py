@@ -84,3 +84,20 @@ def test_open_page_sets_torch_threads_from_a_threads_param(tmp_path):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_figures_show_on_the_page_even_after_a_helper_chose_agg():
+    """In a kernel, a module that called matplotlib.use("Agg") at import would leave figures saved but
+    never drawn on the page; inline_figures (called by open_page) switches back. Outside a kernel it
+    does nothing."""
+    from nbclient import NotebookClient
+
+    assert page_mod.inline_figures() is False
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell('import matplotlib\nmatplotlib.use("Agg")\nimport matplotlib.pyplot as plt'),
+        nbformat.v4.new_code_cell("from helpers.page import inline_figures\nprint(inline_figures())"),
+        nbformat.v4.new_code_cell("fig, ax = plt.subplots()\nax.plot([0, 1], [1, 0])")])
+    NotebookClient(nb, timeout=120, kernel_name="python3",
+                   resources={"metadata": {"path": str(page_mod.config.repo_root())}}).execute()
+    assert nb.cells[1].outputs[0]["text"].strip() == "True"
+    assert any("image/png" in o.get("data", {}) for o in nb.cells[2].outputs)

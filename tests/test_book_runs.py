@@ -188,6 +188,20 @@ def test_toc_yml_is_a_build_product():
     assert ignored, "book/_toc.yml must be listed in .gitignore (helpers.book writes it)"
 
 
+def test_stashed_scores_are_tracked():
+    """A stash resumes on another clone: its units' per-sample arrays (the APGA page's agent traces,
+    mask maps) must reach git with it, while other score files and weights stay out."""
+    import subprocess
+
+    def ignored(path):
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0
+
+    assert not ignored("book/partial/apga/some_run/scores/flag=x__seed=0.npz"), \
+        "book/partial/**/scores/*.npz must stay tracked (.gitignore's negation rule)"
+    assert ignored("book/results/apga/some_run/scores/flag=x__seed=0.npz")
+    assert ignored("book/partial/apga/some_run/models/flag=x__seed=0.pt")
+
+
 def test_write_toc(tmp_path):
     _book(tmp_path, "root: intro\nparts:\n  - caption: Methods\nruns:\n  - notebook: notebooks/nas.ipynb\n"
                     "    params: params/nas.yaml\n    title: NAS\n")

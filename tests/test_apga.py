@@ -215,6 +215,22 @@ def test_unequal_validation_looks_are_caught():
         check_equal_looks(pd.DataFrame(rows))
 
 
+def test_budget_table_reads_epochs_looks_and_seconds_back_and_shows_seconds_to_one_decimal():
+    from helpers.apga.protocol import budget_table
+    from helpers.page import table
+
+    hist = pd.DataFrame([{"flag": "f", "k": "10", "seed": s, "method": m, "epoch": e, "val/auc": 0.5}
+                         for s in range(2) for m in ("clean", "apga") for e in range(4)])
+    units = pd.DataFrame([{"flag": "f", "size": 28, "k": "10", "seed": s, "method": m, "epochs_run": 4,
+                           "train_s": 10.0 + s + (5 if m == "apga" else 0) + 0.123456}
+                          for s in range(2) for m in ("clean", "apga")])
+    t = budget_table(units, hist)
+    assert t.set_index("method")["val looks"].to_dict() == {"clean": 4, "apga": 4}
+    assert t.set_index("method")["mean_train_s"].round(4).to_dict() == {"clean": 10.6235, "apga": 15.6235}
+    shown = table(t).formatted()
+    assert shown["mean train time (s)"].tolist() == ["10.6", "15.6"]
+
+
 def test_comparisons_and_outcomes():
     units = pd.DataFrame([{"flag": "f", "size": 28, "k": "10", "seed": s, "method": m, "test/acc": v + 0.01 * s}
                           for s in range(3) for m, v in (("clean", 0.5), ("cutout", 0.6), ("apga", 0.7))])

@@ -296,7 +296,7 @@ def budget_table(units: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
         lk = looks[(looks.flag == flag) & (looks.k == k) & (looks.method == method)]["val_looks"]
         rows.append({"flag": flag, "size": size, "k": k, "method": str(method),
                      "epochs": int(g["epochs_run"].iloc[0]), "val looks": int(lk.iloc[0]) if len(lk) else 0,
-                     "train s (mean)": float(g["train_s"].mean())})
+                     "mean_train_s": float(g["train_s"].mean())})
     return pd.DataFrame(rows)
 
 

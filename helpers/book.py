@@ -348,9 +348,10 @@ def stash_folder(results: Path, target: Path, run_id: str) -> Path:
     if prov.get("status") != "complete":   # close this execution: its wall time so far joins the total
         prov = {**prov, "status": "stashed", "wall_s": (earlier_executions(prov, results) or [{}])[-1].get("wall_s")}
     weights = {p.stem for p in (results / "models").glob("*.pt")} if (results / "models").is_dir() else set()
+    scores = sorted(p.stem for p in (tmp / "scores").glob("*.npz")) if (tmp / "scores").is_dir() else []
     info = {"run": run_id, "stashed_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "commit": (prov.get("git") or {}).get("commit"), "params_sha256": prov.get("params_sha256"),
-            "units": len(units), "weights_left_behind": sorted(weights), "left_out": skipped}
+            "units": len(units), "weights_left_behind": sorted(weights), "scores": scores, "left_out": skipped}
     write_json(tmp / "provenance.json", prov)
     write_json(tmp / "stash.json", info)
     shutil.rmtree(target, ignore_errors=True)
@@ -365,7 +366,8 @@ def unstash(stem: str, name: str, results: Path, params_sha256: str | None, sour
     """Restore the stash of run ``<stem>/<name>`` (see :func:`stash`) into ``results`` when that folder
     holds no units of its own and the stash was made with the same params (``params_sha256``, as the
     runner computes it). Returns the number of units restored (0: nothing to restore, or a stash of
-    other params, which is named and left alone)."""
+    other params, which is named and left alone). A unit whose score file the stash lists but does not
+    hold (score files stay out of git, so a clone lacks them) is not restored: the run redoes it."""
     src = (source or partial_dir()) / stem / name
     if not (src / "stash.json").is_file() or ((results / "units").is_dir() and any((results / "units").iterdir())):
         return 0
@@ -374,15 +376,22 @@ def unstash(stem: str, name: str, results: Path, params_sha256: str | None, sour
         print(f"[stsh] {stem}/{name}: the stash in {src} was made with other params; not restored "
               f"(delete it, or restore those params to resume from it)", flush=True)
         return 0
+    # score files are binary and stay out of git (.gitignore): on a clone they are missing, and a unit
+    # without its arrays (per-sample scores, agent traces) is redone rather than shown without them
+    lost = {u for u in info.get("scores", []) if not (src / "scores" / f"{u}.npz").is_file()}
     for f in sorted(src.rglob("*")):
         rel = f.relative_to(src)
-        if f.is_file() and rel.name != "stash.json" and not (results / rel).exists():
+        if f.is_file() and rel.name != "stash.json" and not (results / rel).exists() \
+                and not (rel.parts[0] == "units" and f.stem in lost):
             (results / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, results / rel)
-    print(f"[stsh] {stem}/{name}: restored {info['units']} units stashed {info['stashed_utc']} at commit "
+    restored = int(info["units"]) - len(lost)
+    print(f"[stsh] {stem}/{name}: restored {restored} units stashed {info['stashed_utc']} at commit "
           f"{(info.get('commit') or 'unknown')[:10]}; weights of {len(info['weights_left_behind'])} were left "
-          f"behind there", flush=True)
-    return int(info["units"])
+          f"behind there" + (f"; {len(lost)} unit{'s' if len(lost) > 1 else ''} whose score files are not here (kept out of "
+                             f"git) will be redone"
+                             if lost else ""), flush=True)
+    return restored
 
 
 def published_provenance(published: Path | None = None):

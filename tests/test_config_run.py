@@ -765,7 +765,7 @@ def test_a_stashed_run_resumes_on_a_machine_that_has_none_of_its_units(tmp_path,
             "provenance.json", "stash.json", "metrics.csv"} <= files
     assert not any(f.startswith(("models/", "checkpoints/")) or f.endswith(".pt") for f in files)
     info = json.loads((target / "stash.json").read_text())
-    assert info["units"] == 1 and info["weights_left_behind"] == ["seed=0"]
+    assert info["units"] == 1 and info["weights_left_behind"] == ["seed=0"] and info["scores"] == ["seed=0"]
     assert info["params_sha256"] == prov["params_sha256"] and info["commit"] == "0" * 40
     closed = json.loads((target / "provenance.json").read_text())
     assert closed["status"] == "stashed" and closed["wall_s"] == prov["wall_s"] and "earlier" not in closed
@@ -797,6 +797,15 @@ def test_a_stashed_run_resumes_on_a_machine_that_has_none_of_its_units(tmp_path,
     again = json.loads((res / "provenance.json").read_text())
     assert [e["wall_s"] for e in again["earlier"]] == [prov["wall_s"]]   # the stashed execution counts
     assert again["wall_s_total"] == pytest.approx(again["wall_s"] + prov["wall_s"])
+    # a clone: score files stay out of git, so the stash lacks them; that unit is redone, not restored bare
+    shutil.rmtree(res)
+    os.remove(target / "scores" / "seed=0.npz")
+    capsys.readouterr()
+    assert book_mod.unstash("tiny", "long", res, again["params_sha256"], partial) == 0
+    assert "1 unit whose score files are not here" in capsys.readouterr().out
+    assert not (res / "units" / "seed=0.json").exists() and (res / "history" / "seed=0.csv").is_file()
+    shutil.rmtree(res)
+    shutil.copytree(target, res)   # back to a folder holding its own unit
     os.remove(res / "params.yaml")   # a folder with units of its own is never overwritten by a stash
     assert book_mod.unstash("tiny", "long", res, again["params_sha256"], partial) == 0
     assert not (res / "params.yaml").exists()

@@ -30,7 +30,8 @@ def paired_test(table: pd.DataFrame, a: str, b: str) -> dict:
     """Paired t-test of columns ``a`` vs ``b`` over the rows (units) where both are present.
 
     Returns ``n`` (paired units), ``mean_a``, ``mean_b``, ``mean_diff``, ``sd_diff`` (ddof 1) and
-    ``t``, ``p`` (two-sided); ``t`` and ``p`` are NaN with fewer than two units or no variation.
+    ``t``, ``p`` (two-sided); ``t`` and ``p`` are NaN with fewer than two units or no variation
+    (differences equal up to floating-point rounding, which would otherwise give an absurd ``t``).
     """
     from scipy import stats
 
@@ -38,7 +39,8 @@ def paired_test(table: pd.DataFrame, a: str, b: str) -> dict:
     diff = pair[a] - pair[b]
     out = {"n": len(pair), "mean_a": float(pair[a].mean()), "mean_b": float(pair[b].mean()),
            "mean_diff": float(diff.mean()), "sd_diff": float(diff.std(ddof=1)) if len(pair) > 1 else math.nan}
-    if len(pair) > 1 and diff.std(ddof=1) > 0:
+    scale = max(1.0, float(pair.abs().to_numpy().max())) if len(pair) else 1.0
+    if len(pair) > 1 and float(diff.max() - diff.min()) > 1e-9 * scale:   # rounding noise is no variation
         t = stats.ttest_rel(pair[a], pair[b])
         out.update(t=float(t.statistic), p=float(t.pvalue))
     else:

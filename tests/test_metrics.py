@@ -187,3 +187,19 @@ def test_format_mean_std():
     assert format_mean_std(52846.84, 1203.4) == "52,847 ± 1,203"
     assert format_mean_std(34667.0, float("nan")) == "34,667 ± –"
     assert format_mean_std(999.5, 2.0) == "999.500 ± 2.000"
+
+
+def test_paired_test_reads_differences_equal_up_to_rounding_as_no_variation():
+    """Two seeds whose differences match but for float noise once gave t = 5.6e13, p = 0.000."""
+    import math
+
+    import pandas as pd
+
+    from helpers.stats import paired_test
+
+    a = pd.Series([0.3820, 0.9115]); b = a - 0.0016   # the same difference, rounded differently
+    assert (a - b).std(ddof=1) > 0                     # float noise: not exactly equal
+    res = paired_test(pd.DataFrame({"a": a, "b": b}), "a", "b")
+    assert math.isnan(res["t"]) and math.isnan(res["p"]) and res["mean_diff"] == pytest.approx(0.0016)
+    real = paired_test(pd.DataFrame({"a": [0.5, 0.6, 0.7], "b": [0.45, 0.58, 0.66]}), "a", "b")
+    assert real["t"] > 0 and 0 < real["p"] < 1

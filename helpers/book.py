@@ -195,8 +195,9 @@ def published_page(entry: dict, published: Path | None = None) -> Path:
 def _published_banner(text: str, stem: str, name: str) -> str:
     where = f"`book/results/{stem}/{name}/`"
     note = (f"`book/published/{stem}/{name}/` (published with the repository: params, provenance, metrics, "
-            f"tables, figures, the training log, the final models' test scores, and their calibration and "
-            f"robustness computed at publishing in `derived/`; weights and checkpoints stay where it ran)")
+            f"units, tables, figures, logs under {PUBLISH_MAX_BYTES / 1e6:.0f} MB, and the final models' calibration "
+            f"and robustness computed at publishing in `derived/`; weights, checkpoints and per-sample score "
+            f"files stay on the machine that made the run)")
     return text.replace(where, note) if where in text else text
 
 

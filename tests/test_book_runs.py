@@ -398,3 +398,16 @@ def test_every_build_rerenders_every_page_so_glued_numbers_are_never_stale(tmp_p
     monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0))
     book_mod.build_html(_book(tmp_path, "root: intro\nruns: []\n"))
     assert len(calls) == 1 and calls[0][1] == "build" and "--all" in calls[0]
+
+
+def test_published_banner_claims_only_what_reaches_git():
+    """A published page says what its folder holds on a clone: score files (.npz) never reach git."""
+    import subprocess
+
+    from helpers.book import _published_banner
+
+    text = _published_banner("results in `book/results/apga/apga_full/`.", "apga", "apga_full")
+    assert "`book/published/apga/apga_full/`" in text and "score files stay on the machine" in text
+    assert "test scores" not in text
+    assert subprocess.run(["git", "check-ignore", "-q", "--no-index",
+                           "book/published/apga/apga_full/scores/x.npz"], cwd=ROOT).returncode == 0

@@ -256,7 +256,7 @@ def publish(run: str, book: Path | None = None, dest: Path | None = None, derive
             cell.source = _published_banner(cell.source, stem, entry["name"])
     info = {"run": _run_id(entry), "published_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "commit": (record.get("git") or {}).get("commit"), "profile": record.get("profile"),
-            "left_out": skipped}
+            "left_out": skipped, "robust_max_images": robust_max_images if derive else None}
     nb.metadata.setdefault("rlmed", {})["published"] = info
     tmp.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, tmp / "page.ipynb")
@@ -405,7 +405,11 @@ def published_provenance(published: Path | None = None):
         meta = nbformat.read(prov.parent / "page.ipynb", as_version=4).metadata.get("rlmed", {}) \
             if (prov.parent / "page.ipynb").is_file() else {}
         row = {k: v for k, v in provenance_row(p).items() if k not in ("status", "torch", "python")}
-        rows.append({**row, "published": (meta.get("published") or {}).get("published_utc"),
+        pub = meta.get("published") or {}
+        cap = pub.get("robust_max_images", "not recorded") if (prov.parent / "derived" / "robustness.csv").is_file() \
+            else "not computed"
+        rows.append({**row, "published": pub.get("published_utc"),
+                     "robustness images": "all" if cap is None else cap,
                      "folder": str(prov.parent.relative_to(config.repo_root()))
                      if prov.parent.is_relative_to(config.repo_root()) else str(prov.parent)})
     return pd.DataFrame(rows)

@@ -38,7 +38,7 @@ WORDS = {"params": "parameters", "val": "val", "n": "n", "p": "p", "t": "t", "sd
          "arch": "architecture", "diff": "difference", "n_seeds": "seeds"}
 #: Columns holding counts: shown as integers with thousands separators.
 COUNTS = {"params", "parameters", "n", "n_seeds", "seeds", "epochs", "epochs_run", "best_epoch", "episode",
-          "episodes", "children", "cached_children", "seed", "last", "train", "val", "test", "n_train"}
+          "episodes", "children", "cached_children", "seed", "last", "train", "val", "test", "n_train", "images"}
 
 
 def human_name(column: Any) -> str:

@@ -222,10 +222,13 @@ def test_budget_table_reads_epochs_looks_and_seconds_back_and_shows_seconds_to_o
     hist = pd.DataFrame([{"flag": "f", "k": "10", "seed": s, "method": m, "epoch": e, "val/auc": 0.5}
                          for s in range(2) for m in ("clean", "apga") for e in range(4)])
     units = pd.DataFrame([{"flag": "f", "size": 28, "k": "10", "seed": s, "method": m, "epochs_run": 4,
-                           "train_s": 10.0 + s + (5 if m == "apga" else 0) + 0.123456}
+                           "train_s": 10.0 + s + (5 if m == "apga" else 0) + 0.123456,
+                           "best_epoch": 1 if m == "clean" else 1 + 2 * s}
                           for s in range(2) for m in ("clean", "apga")])
     t = budget_table(units, hist)
     assert t.set_index("method")["val looks"].to_dict() == {"clean": 4, "apga": 4}
+    assert t.set_index("method")["selected epoch"].to_dict() == {"clean": 1.0, "apga": 2.0}
+    assert t.set_index("method")["selected at 1"].to_dict() == {"clean": "2/2", "apga": "1/2"}
     assert t.set_index("method")["mean_train_s"].round(4).to_dict() == {"clean": 10.6235, "apga": 15.6235}
     shown = table(t).formatted()
     assert shown["mean train time (s)"].tolist() == ["10.6", "15.6"]

@@ -226,6 +226,9 @@ def test_a_finished_run_publishes_small(built_book, tmp_path):
     rob = pd.read_csv(target / "derived" / "robustness.csv")
     assert set(rob["corruption"]) == {"none", *CORRUPTIONS} and set(rob["severity"]) == {0, *SEVERITIES}
     assert (rob["n"] == 50).all() and (rob["clean_agree"] == 1.0).all()
+    import nbformat
+
+    assert nbformat.read(target / "page.ipynb", as_version=4).metadata["rlmed"]["published"]["robust_max_images"] == 50
     finals = final_units([RunRef("nas", "nas", target, "published")])
     assert len(pd.read_csv(target / "derived" / "calibration.csv")) == len(finals) == len(npz)
     # the summary reads them for the published run, whose weights stayed behind

@@ -286,7 +286,7 @@ def test_robustness_rebuilds_a_stored_model_exactly_and_scores_corrupted_images(
     the rebuilt model reproduces the stored scores, and every corruption and severity gets a row."""
     from helpers import data as data_mod
     from helpers.models import create_model
-    from helpers.summary import robustness_rows, robustness_summary, stored_runs
+    from helpers.summary import by_corruption, robustness_rows, robustness_summary, stored_runs
     from helpers.summary.robustness import predict_probs
 
     book, rec = baselines_book
@@ -307,6 +307,8 @@ def test_robustness_rebuilds_a_stored_model_exactly_and_scores_corrupted_images(
     assert skipped.empty
     assert len(rows) == 2 * (1 + 2 * 2) and (rows["n"] == 30).all()
     assert (rows["clean_agree"] == 1.0).all() and rows["clean_max_diff"].max() < 1e-5
+    compact = by_corruption(rows)
+    assert len(compact) == 1 and compact["images"].iloc[0] == 30 and compact["seeds"].iloc[0] == 2
     table = robustness_summary(rows)
     assert list(table["corruption"]) == ["gaussian_noise", "pixelate"]
     assert {"clean", "severity 1", "severity 5", "mean corrupted"} <= set(table.columns)

@@ -289,13 +289,18 @@ def outcome_sentence(table: pd.DataFrame, label: str, alpha: float = 0.05) -> st
 
 def budget_table(units: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
     """The budget each method got, read back from the stored units: epochs run, validation looks
-    (checked equal across methods, :func:`check_equal_looks`) and mean training time."""
+    (checked equal across methods, :func:`check_equal_looks`) and mean training time; and the epoch
+    that validation selected (mean over seeds, and on how many seeds it was the first: a method whose
+    later epochs never win on validation ends as its first epoch's model)."""
     looks = check_equal_looks(histories[histories["method"].isin(METHODS)])
     rows = []
     for (flag, size, k, method), g in units.groupby(["flag", "size", "k", "method"], sort=False, observed=True):
         lk = looks[(looks.flag == flag) & (looks.k == k) & (looks.method == method)]["val_looks"]
+        best = g["best_epoch"].dropna().astype(int) if "best_epoch" in g else pd.Series(dtype=int)
         rows.append({"flag": flag, "size": size, "k": k, "method": str(method),
                      "epochs": int(g["epochs_run"].iloc[0]), "val looks": int(lk.iloc[0]) if len(lk) else 0,
+                     "selected epoch": float(best.mean()) if len(best) else float("nan"),
+                     "selected at 1": f"{int((best == 1).sum())}/{len(best)}",
                      "mean_train_s": float(g["train_s"].mean())})
     return pd.DataFrame(rows)
 

@@ -152,7 +152,10 @@ def robustness_summary(rows: pd.DataFrame) -> pd.DataFrame:
 
 def by_corruption(rows: pd.DataFrame) -> pd.DataFrame:
     """The page's compact view: per (run, dataset, method), clean accuracy and the accuracy under
-    each corruption averaged over its severities, then over all corruptions (mean over seeds)."""
+    each corruption averaged over its severities, then over all corruptions (mean over seeds).
+
+    ``images`` is the number of test images each model was scored on (the fewest over seeds): the
+    whole test split, unless ``max_images`` (here) or the publisher (``robust_max_images``) capped it."""
     if rows.empty:
         return pd.DataFrame()
     keys = ["chapter", "run", "dataset", "method"]
@@ -161,7 +164,8 @@ def by_corruption(rows: pd.DataFrame) -> pd.DataFrame:
     wide = corr.groupby(keys + ["corruption"], sort=False)["acc"].mean().unstack("corruption")
     wide = wide[[c for c in dict.fromkeys(corr["corruption"])]]
     seeds = rows.groupby(keys, sort=False)["seed"].nunique().rename("seeds")
-    out = pd.concat([seeds, clean, wide], axis=1)
+    images = rows.groupby(keys, sort=False)["n"].min().astype(int).rename("images")
+    out = pd.concat([seeds, images, clean, wide], axis=1)
     out["all corruptions"] = corr.groupby(keys, sort=False)["acc"].mean()
     return out.reset_index()
 

@@ -227,7 +227,7 @@ def test_budget_table_reads_epochs_looks_and_seconds_back_and_shows_seconds_to_o
                           for s in range(2) for m in ("clean", "apga")])
     t = budget_table(units, hist)
     assert t.set_index("method")["val looks"].to_dict() == {"clean": 4, "apga": 4}
-    assert t.set_index("method")["selected epoch"].to_dict() == {"clean": 1.0, "apga": 2.0}
+    assert t.set_index("method")["selected epoch"].to_dict() == {"clean": "1.0", "apga": "2.0"}
     assert t.set_index("method")["selected at 1"].to_dict() == {"clean": "2/2", "apga": "1/2"}
     assert t.set_index("method")["mean_train_s"].round(4).to_dict() == {"clean": 10.6235, "apga": 15.6235}
     shown = table(t).formatted()

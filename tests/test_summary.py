@@ -234,6 +234,23 @@ def test_glued_texts_tally_a_pair_over_several_settings():
     faithful = diffs.assign(b="apga_faithful")
     assert faithful_glue(faithful)["faithful-apga-apga-acc"] == text
     assert faithful_glue(faithful.iloc[:1])["faithful-apga-apga-acc"] == "+0.020 (Holm p 0.01, 3 seeds)"
+    # the full-profile columns read the chapter's <chapter>_full run only, under their own keys
+    assert headline_glue(diffs, full=True)["headline-full-apga-apga-vs-cutout-acc"] == "no full-profile run published"
+    full = pd.concat([diffs, diffs.iloc[:1].assign(run="apga_full", mean_diff=-0.05, p_holm=0.5, n_seeds=5)])
+    assert headline_glue(full, full=True)["headline-full-apga-apga-vs-cutout-acc"] == "-0.050 (Holm p 0.5, 5 seeds)"
+    assert headline_glue(full)["headline-apga-apga-vs-cutout-acc"] == text
+    assert faithful_glue(full.assign(b="apga_faithful"), full=True)["faithful-full-apga-apga-acc"] == "-0.050 (Holm p 0.5, 5 seeds)"
+
+
+def test_full_runs_text_names_each_chapters_full_run_with_its_device():
+    from helpers.summary import full_runs_text
+
+    cover = pd.DataFrame([{"chapter": "nas", "run": "nas", "source": "local", "device": "CPU x2", "seeds": 3},
+                          {"chapter": "nas", "run": "nas_full", "source": "published", "device": "NVIDIA H200", "seeds": 3},
+                          {"chapter": "folds", "run": "folds_full", "source": "published", "device": None, "seeds": 1}])
+    assert full_runs_text(cover) == ("nas_full (published, NVIDIA H200, 3 seeds), "
+                                     "folds_full (published, device not recorded, 1 seed)")
+    assert full_runs_text(cover.iloc[:1]) == "none"
 
 
 def test_calibration_of_the_fake_tree_is_each_units_ece(fake_book):

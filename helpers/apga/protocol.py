@@ -299,7 +299,7 @@ def budget_table(units: pd.DataFrame, histories: pd.DataFrame) -> pd.DataFrame:
         best = g["best_epoch"].dropna().astype(int) if "best_epoch" in g else pd.Series(dtype=int)
         rows.append({"flag": flag, "size": size, "k": k, "method": str(method),
                      "epochs": int(g["epochs_run"].iloc[0]), "val looks": int(lk.iloc[0]) if len(lk) else 0,
-                     "selected epoch": float(best.mean()) if len(best) else float("nan"),
+                     "selected epoch": f"{best.mean():.1f}" if len(best) else "–",   # mean over seeds
                      "selected at 1": f"{int((best == 1).sum())}/{len(best)}",
                      "mean_train_s": float(g["train_s"].mean())})
     return pd.DataFrame(rows)

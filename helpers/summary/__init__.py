@@ -21,14 +21,14 @@ from .chapters import CHAPTERS, FinalUnit, RunRef, final_units
 from .corruptions import CORRUPTIONS, LEVELS, SEVERITIES, corrupt, ladder_table
 from .curves import folds_overview, rl_curves, rl_figure
 from .figures import reliability_figure, robustness_figure
-from .leaderboard import (METRICS, coverage, differences_view, faithful_glue, for_page, headline_glue, leaderboard,
-                          paired_differences, per_seed, stored_runs)
+from .leaderboard import (METRICS, coverage, differences_view, faithful_glue, for_page, full_runs_text, headline_glue,
+                          leaderboard, paired_differences, per_seed, stored_runs)
 from .published import beside_datasets, for_chapters, published_table
 from .robustness import by_corruption, findings, relative_drop, robustness_rows, robustness_summary
 
 __all__ = ["DEFAULT_BINS", "calibration_tables", "ece", "reliability", "CHAPTERS", "FinalUnit", "RunRef", "final_units",
            "CORRUPTIONS", "LEVELS", "SEVERITIES", "corrupt", "ladder_table", "folds_overview", "rl_curves",
            "rl_figure", "reliability_figure", "robustness_figure", "METRICS", "coverage", "differences_view", "faithful_glue", "for_page",
-           "headline_glue",
+           "headline_glue", "full_runs_text",
            "leaderboard", "paired_differences", "per_seed", "stored_runs", "beside_datasets", "for_chapters",
            "published_table", "by_corruption", "findings", "relative_drop", "robustness_rows", "robustness_summary"]

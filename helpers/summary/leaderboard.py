@@ -22,7 +22,7 @@ from ..stats import holm, paired_comparison
 from .chapters import CHAPTERS, FinalUnit, RunRef
 
 __all__ = ["METRICS", "SKIP", "stored_runs", "per_seed", "leaderboard", "paired_differences", "differences_view",
-           "coverage", "faithful_glue", "for_page"]
+           "coverage", "faithful_glue", "for_page", "full_runs_text"]
 
 #: The leaderboard's metrics, as every classification unit stores them.
 METRICS = ("test/acc", "test/auc", "test/balanced_acc", "test/kappa")
@@ -184,37 +184,53 @@ def _pair_text(hit: pd.DataFrame) -> str:
             f"{hit['mean_diff'].mean():+.3f}, {int(hit['n_seeds'].min())}+ seeds")
 
 
-def _pairs_glue(diffs: pd.DataFrame, pairs, metrics: Sequence[str], prefix: str) -> dict:
+def _pairs_glue(diffs: pd.DataFrame, pairs, metrics: Sequence[str], prefix: str, run_suffix: str = "") -> dict:
     out = {}
+    missing = "no full-profile run published" if run_suffix == "_full" else "not measured in this build"
     for chapter, a, b in pairs:
         for m in metrics:
-            hit = diffs[(diffs["chapter"] == chapter) & (diffs["run"] == chapter) & (diffs["a"] == a)
+            hit = diffs[(diffs["chapter"] == chapter) & (diffs["run"] == chapter + run_suffix) & (diffs["a"] == a)
                         & (diffs["b"] == b) & (diffs["metric"] == m)] if len(diffs) else diffs
-            key = _key(prefix, chapter, a, m.split("/")[-1]) if prefix == "faithful" else \
-                _key(prefix, chapter, a, "vs", b, m.split("/")[-1])
-            out[key] = _pair_text(hit) if len(hit) else "not measured in this build"
+            tag = [prefix, "full"] if run_suffix == "_full" else [prefix]
+            key = _key(*tag, chapter, a, m.split("/")[-1]) if prefix == "faithful" else \
+                _key(*tag, chapter, a, "vs", b, m.split("/")[-1])
+            out[key] = _pair_text(hit) if len(hit) else missing
     return out
 
 
-def faithful_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc", "test/auc")) -> dict:
+def faithful_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc", "test/auc"),
+                  full: bool = False) -> dict:
     """Texts for the hand-written "differences from the reference code" page: for every chapter's
     declared (sound, faithful) pair, in the chapter's main run (the run named after its notebook),
     ``"+0.012 (Holm p 0.41, 3 seeds)"`` per metric (sound − faithful, paired over seeds; a tally when
     the run has several datasets or settings), else a phrase saying it was not measured in this
     build. Keys: ``faithful-<chapter>-<sound>-<metric>`` (spaces as ``_``, commas dropped), so the
-    page can ``{glue:text}`` every key in every build."""
+    page can ``{glue:text}`` every key in every build. With ``full``, the same from the chapter's
+    full-profile run (``<chapter>_full``, usually published), keys ``faithful-full-...``."""
     chapters = chapters or CHAPTERS
     pairs = [(c, a, bs[0]) for c, spec in chapters.items() for a, bs in spec.faithful.items() if bs]
-    return _pairs_glue(diffs, pairs, metrics, "faithful")
+    return _pairs_glue(diffs, pairs, metrics, "faithful", "_full" if full else "")
 
 
-def headline_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc",)) -> dict:
+def headline_glue(diffs: pd.DataFrame, chapters=None, metrics: Sequence[str] = ("test/acc",), full: bool = False) -> dict:
     """Texts for the introduction: each chapter's headline pairs (:attr:`Chapter.headline`, the RL
     method against the control that answers the chapter's question) in its main run, worded as in
-    :func:`faithful_glue`. Keys: ``headline-<chapter>-<method>-vs-<control>-<metric>``."""
+    :func:`faithful_glue`. Keys: ``headline-<chapter>-<method>-vs-<control>-<metric>``; with ``full``,
+    from the chapter's full-profile run, keys ``headline-full-...``."""
     chapters = chapters or CHAPTERS
     pairs = [(c, a, b) for c, spec in chapters.items() for a, b in spec.headline]
-    return _pairs_glue(diffs, pairs, metrics, "headline")
+    return _pairs_glue(diffs, pairs, metrics, "headline", "_full" if full else "")
+
+
+def full_runs_text(cover: pd.DataFrame) -> str:
+    """Which full-profile run each chapter's full-profile numbers come from, with its source, device
+    and seeds (from :func:`coverage`), e.g. ``"nas_full (published, CPU x2, 3 seeds)"``; for the
+    pages that glue them."""
+    if cover.empty:
+        return "none"
+    full = cover[cover["run"] == cover["chapter"] + "_full"]
+    return ", ".join(f"{r.run} ({r.source}, {r.device if isinstance(r.device, str) and r.device else 'device not recorded'}, {r.seeds} seed{'s' * (r.seeds != 1)})"
+                     for r in full.itertuples()) or "none"
 
 
 def for_page(df: pd.DataFrame) -> pd.DataFrame:

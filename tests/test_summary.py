@@ -239,6 +239,8 @@ def test_glued_texts_tally_a_pair_over_several_settings():
     full = pd.concat([diffs, diffs.iloc[:1].assign(run="apga_full", mean_diff=-0.05, p_holm=0.5, n_seeds=5)])
     assert headline_glue(full, full=True)["headline-full-apga-apga-vs-cutout-acc"] == "-0.050 (Holm p 0.5, 5 seeds)"
     assert headline_glue(full)["headline-apga-apga-vs-cutout-acc"] == text
+    tiny = full.iloc[-1:].assign(mean_diff=-0.0002)
+    assert headline_glue(tiny, full=True)["headline-full-apga-apga-vs-cutout-acc"] == "+0.000 (Holm p 0.5, 5 seeds)"
     assert faithful_glue(full.assign(b="apga_faithful"), full=True)["faithful-full-apga-apga-acc"] == "-0.050 (Holm p 0.5, 5 seeds)"
 
 

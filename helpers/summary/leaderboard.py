@@ -167,6 +167,11 @@ def _key(*parts: str) -> str:
     return "-".join(str(p).replace(" ", "_").replace(",", "").replace("/", "_") for p in parts)
 
 
+def _signed(x: float) -> str:
+    """``+0.012``; a difference that rounds to zero reads ``+0.000``, never ``-0.000``."""
+    return f"{x + 0.0 if round(x, 3) != 0 else 0.0:+.3f}"
+
+
 def _pair_text(hit: pd.DataFrame) -> str:
     """One (method, control) pair over the settings (dataset, k, ...) of a run: the paired difference
     with Holm's p for one setting, else a tally of the settings where the method was higher or lower."""
@@ -176,12 +181,12 @@ def _pair_text(hit: pd.DataFrame) -> str:
     if len(hit) == 1:
         r = hit.iloc[0]
         p = f"Holm p {r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else "no test"
-        return f"{r['mean_diff']:+.3f} ({p}, {int(r['n_seeds'])} seeds)"
+        return f"{_signed(r['mean_diff'])} ({p}, {int(r['n_seeds'])} seeds)"
     sig = hit["p_holm"] < 0.05
     up, down = hit["mean_diff"] > 0, hit["mean_diff"] < 0
     return (f"higher in {int(up.sum())} of {len(hit)} settings ({int((up & sig).sum())} significant after Holm), "
             f"lower in {int(down.sum())} ({int((down & sig).sum())} significant); mean difference "
-            f"{hit['mean_diff'].mean():+.3f}, {int(hit['n_seeds'].min())}+ seeds")
+            f"{_signed(hit['mean_diff'].mean())}, {int(hit['n_seeds'].min())}+ seeds")
 
 
 def _pairs_glue(diffs: pd.DataFrame, pairs, metrics: Sequence[str], prefix: str, run_suffix: str = "") -> dict:

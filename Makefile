@@ -54,5 +54,8 @@ test-fast: setup
 lab: setup
 	$(VENV)/bin/jupyter lab $(LAB_FLAGS) notebooks/
 
+# Also the book's training checkpoints (in $$RLMED_CACHE): a build after clean-book starts from nothing.
 clean-book:
 	rm -rf book/_build book/runs book/results
+	@! test -x $(PY) || $(PY) -c "import shutil; from helpers.config import book_dir; from helpers.experiment import checkpoint_dir; \
+	  d = checkpoint_dir(book_dir() / 'results'); shutil.rmtree(d, ignore_errors=True); print('rm -rf', d)"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,17 +33,25 @@ def load_dataset(flag: str, size: int = 28, data_root: str | None = None,
     return ds
 
 
-def checkpoint_path(recorder: Recorder, unit: str) -> Path:
-    """Cache file of a unit's training checkpoint:
-    ``$RLMED_CACHE/checkpoints/<book>/<notebook>/<run>/<unit>.pt``, where ``<book>`` is a short digest
-    of the book folder, so two books (a test's and the real one) never share checkpoints."""
-    root = recorder.root.resolve()
-    results = (book_dir() / "results").resolve()
+def checkpoint_dir(results: str | os.PathLike) -> Path:
+    """Cache folder of the training checkpoints of the units under a results folder:
+    ``$RLMED_CACHE/checkpoints/<book>/<notebook>/<run>/``, where ``<book>`` is a short digest of the
+    book's results folder, so two books (a test's and the real one) never share checkpoints; for the
+    book's results folder itself, the book's whole checkpoint folder."""
+    root = Path(results).resolve()
+    book_results = (book_dir() / "results").resolve()
     try:
-        rel = Path(hashlib.sha256(str(results).encode()).hexdigest()[:12]) / root.relative_to(results)
+        rel = Path(hashlib.sha256(str(book_results).encode()).hexdigest()[:12]) / root.relative_to(book_results)
     except ValueError:  # a results folder outside the book: key the cache by its path
         rel = Path("external") / hashlib.sha256(str(root).encode()).hexdigest()[:16]
-    return cache_dir("checkpoints") / rel / f"{unit}.pt"
+    return cache_dir("checkpoints") / rel
+
+
+def checkpoint_path(recorder: Recorder, unit: str) -> Path:
+    """Cache file of a unit's training checkpoint, in :func:`checkpoint_dir` of its recorder. It only
+    serves a unit whose training was interrupted: once the unit is recorded, :func:`train_and_test`
+    deletes it (the unit holds the result and, where kept, the weights)."""
+    return checkpoint_dir(recorder.root) / f"{unit}.pt"
 
 
 def unit_settings(model_name: str, *, model_kwargs: Mapping[str, Any] | None = None, augment: Mapping | None = None,
@@ -200,6 +209,11 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
         dist.barrier()
         if record is None:
             record = recorder.load_unit(**keys)
+    if rank == 0:   # recorded: its checkpoints, from this code or any other, have nothing left to resume
+        folder, name = checkpoint_dir(recorder.root), unit_name(**keys)
+        for stale in (folder.iterdir() if folder.is_dir() else ()):
+            if re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}\.pt", stale.name):
+                stale.unlink(missing_ok=True)
     return record["metrics"]
 
 

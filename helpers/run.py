@@ -404,7 +404,8 @@ def run_notebook(notebook: str | os.PathLike, params_file: str | os.PathLike | N
         shutil.rmtree(stale, ignore_errors=True)
         stale.parent.mkdir(parents=True, exist_ok=True)
         os.replace(results, stale)
-        shutil.rmtree(config.cache_dir("checkpoints") / notebook.stem / run_name, ignore_errors=True)
+        from .experiment import checkpoint_dir
+        shutil.rmtree(checkpoint_dir(results), ignore_errors=True)   # --fresh must not resume an old checkpoint
         why = "--fresh" if fresh else "its notebook or params changed"
         print(f"[new ] {notebook.stem}/{run_name}: {why}; earlier results moved to {stale}")
     results.mkdir(parents=True, exist_ok=True)

@@ -400,7 +400,7 @@ if not marker.exists():
 print("unit made with alpha", marker.read_text())"""
 
 
-def test_stored_units_are_reused_only_for_the_same_params(tmp_path, book, capsys):
+def test_stored_units_are_reused_only_for_the_same_params(tmp_path, book, capsys, monkeypatch):
     """Resume reuses units made with the same notebook and params; other params set them aside."""
     nb = make_notebook(tmp_path / "unitnb.ipynb", body=UNIT_BODY)
     pf = write_params(tmp_path / "r.yaml", {"alpha": 1})
@@ -415,8 +415,14 @@ def test_stored_units_are_reused_only_for_the_same_params(tmp_path, book, capsys
     assert (res / "unit.txt").read_text() == "2"
     stale = list((book / "results" / "unitnb" / ".stale").glob("r-*/unit.txt"))
     assert [p.read_text() for p in stale] == ["1"]
+    from helpers.experiment import checkpoint_dir
+    monkeypatch.setenv("RLMED_CACHE", str(tmp_path / "cache"))
+    ckpt = checkpoint_dir(res) / "seed=0-0123456789ab.pt"   # an interrupted unit's checkpoint
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    ckpt.write_text("ckpt")
     run.run_notebook(nb, pf, "smoke", fresh=True)           # --fresh retrains with the same params
     assert (res / "unit.txt").read_text() == "2" and len(list((res.parent / ".stale").iterdir())) == 2
+    assert not ckpt.exists()                                # and resumes from no checkpoint
 
 
 def test_run_environment_is_the_runs_own_record_not_the_checkout_now(tmp_path):

@@ -48,9 +48,10 @@ def checkpoint_dir(results: str | os.PathLike) -> Path:
 
 
 def checkpoint_path(recorder: Recorder, unit: str) -> Path:
-    """Cache file of a unit's training checkpoint, in :func:`checkpoint_dir` of its recorder. It only
-    serves a unit whose training was interrupted: once the unit is recorded, :func:`train_and_test`
-    deletes it (the unit holds the result and, where kept, the weights)."""
+    """Cache file of a unit's training checkpoint, in :func:`checkpoint_dir` of its recorder. It resumes
+    an interrupted unit, and a finished one restores a unit whose results were set aside by a params
+    change that did not touch it, without retraining; once a unit is recorded, :func:`train_and_test`
+    deletes its checkpoints left by other code (never resumed). ``make clean-book`` deletes the book's."""
     return checkpoint_dir(recorder.root) / f"{unit}.pt"
 
 
@@ -209,10 +210,11 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
         dist.barrier()
         if record is None:
             record = recorder.load_unit(**keys)
-    if rank == 0:   # recorded: its checkpoints, from this code or any other, have nothing left to resume
+    if rank == 0:   # recorded: checkpoints of this unit left by other code can never be resumed
         folder, name = checkpoint_dir(recorder.root), unit_name(**keys)
+        current = f"{name}-{digest({'unit': fingerprint, 'code': code})[:12]}.pt"
         for stale in (folder.iterdir() if folder.is_dir() else ()):
-            if re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}\.pt", stale.name):
+            if stale.name != current and re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}\.pt", stale.name):
                 stale.unlink(missing_ok=True)
     return record["metrics"]
 

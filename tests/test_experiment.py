@@ -130,7 +130,7 @@ def _crash_after_training(monkeypatch):
     return real
 
 
-def test_a_checkpoint_resumes_an_interrupted_unit_and_is_deleted_once_it_is_recorded(tmp_path, monkeypatch):
+def test_a_checkpoint_resumes_an_interrupted_unit(tmp_path, monkeypatch):
     ds, rec = dataset(), Recorder(tmp_path / "r")
     real = _crash_after_training(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
@@ -141,7 +141,7 @@ def test_a_checkpoint_resumes_an_interrupted_unit_and_is_deleted_once_it_is_reco
     monkeypatch.setattr(experiment, "fit", real)
     train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
     assert rec.load_unit(**rec.units()[0]["keys"])["resumed_from"] == CFG.epochs   # not trained again
-    assert not list((tmp_path / "cache").rglob("*.pt"))
+    assert sorted((tmp_path / "cache").rglob("*.pt")) == ckpts   # kept: it restores a set-aside unit
 
 
 def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch):
@@ -149,11 +149,13 @@ def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch):
     real = _crash_after_training(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
+    old = sorted((tmp_path / "cache").rglob("*.pt"))
     monkeypatch.setattr(experiment, "fit", real)
     monkeypatch.setattr(experiment, "unit_code_digest", lambda *a, **k: "edited code")
     m = train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)   # redone from scratch
     assert rec.load_unit(**rec.units()[0]["keys"])["resumed_from"] is None and m["epochs_run"] == CFG.epochs
-    assert not list((tmp_path / "cache").rglob("*.pt"))   # the other code's checkpoint went with it
+    now = sorted((tmp_path / "cache").rglob("*.pt"))   # the other code's checkpoint is deleted, the new one kept
+    assert len(old) == len(now) == 1 and old != now and load_finished(now[0])
 
 
 def load_finished(path) -> bool:

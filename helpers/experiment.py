@@ -158,6 +158,8 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
 
     # the unit's code: the shared modules plus the chapter packages its hooks and criterion come from
     code = unit_code_digest(uses=packages_used(*hooks, criterion, param_groups_fn, scorer))
+    # named after the unit's fingerprint and code: a checkpoint left by other code is never resumed
+    ckpt = checkpoint_path(recorder, f"{unit_name(**keys)}-{digest({'unit': fingerprint, 'code': code})[:12]}")
     if dry_run:
         return recorder.is_current(keys, fingerprint=fingerprint, code=code)
 
@@ -179,8 +181,6 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
                                        rank=rank, world_size=world)
         val_loader = data_mod.TensorLoader(ds["val"], 512, device=dev, mean=mean, std=std)
         cw = data_mod.class_weights(train.labels, ds.n_classes) if class_weighting == "balanced" and not ds.multilabel else None
-        # named after the unit's fingerprint and code: a checkpoint left by other code is never resumed
-        ckpt = checkpoint_path(recorder, f"{unit_name(**keys)}-{digest({'unit': fingerprint, 'code': code})[:12]}")
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         result = fit(model, loader, val_loader, ds.task, cfg, device=dev, checkpoint=ckpt, hooks=hooks,
                      class_weights=cw, desc=unit_name(**keys), criterion=criterion,
@@ -211,10 +211,9 @@ def train_and_test(recorder: Recorder, ds: data_mod.MedMNIST, model_name: str, s
         if record is None:
             record = recorder.load_unit(**keys)
     if rank == 0:   # recorded: checkpoints of this unit left by other code can never be resumed
-        folder, name = checkpoint_dir(recorder.root), unit_name(**keys)
-        current = f"{name}-{digest({'unit': fingerprint, 'code': code})[:12]}.pt"
-        for stale in (folder.iterdir() if folder.is_dir() else ()):
-            if stale.name != current and re.fullmatch(re.escape(name) + r"-[0-9a-f]{12}\.pt", stale.name):
+        pattern = re.escape(unit_name(**keys)) + r"-[0-9a-f]{12}\.pt"
+        for stale in (ckpt.parent.iterdir() if ckpt.parent.is_dir() else ()):
+            if stale != ckpt and re.fullmatch(pattern, stale.name):
                 stale.unlink(missing_ok=True)
     return record["metrics"]
 

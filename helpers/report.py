@@ -11,12 +11,19 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["verdict", "comparison_sentence", "decomposition_sentence", "val_test_sentence", "power_note", "wall_sentence"]
+__all__ = ["signed", "verdict", "comparison_sentence", "decomposition_sentence", "val_test_sentence", "power_note", "wall_sentence"]
 
 
 def _finite(row: Mapping, key: str) -> bool:
     v = row.get(key) if hasattr(row, "get") else None
     return v is not None and bool(np.isfinite(v))
+
+
+def signed(value: float, fmt: str = "{:+.3f}") -> str:
+    """``value`` formatted with ``fmt`` (a signed format), where a difference that rounds to zero
+    reads ``+0.000``, never ``-0.000``."""
+    text = fmt.format(value)
+    return "+" + text[1:] if text.startswith("-") and not any(c in "123456789" for c in text) else text
 
 
 def verdict(row: Mapping, alpha: float = 0.05, unit: str = "seed") -> str:
@@ -35,7 +42,7 @@ def verdict(row: Mapping, alpha: float = 0.05, unit: str = "seed") -> str:
 def comparison_sentence(row: Mapping, label: str, alpha: float = 0.05, unit: str = "seed",
                         difference: bool = True, fmt: str = "{:.4f}", diff_fmt: str = "{:+.4f}") -> str:
     """``"<label> <mean a> vs <mean b> (difference <d>; <verdict>)"`` for one comparison row."""
-    diff = f"difference {diff_fmt.format(row['mean_diff'])}; " if difference else ""
+    diff = f"difference {signed(row['mean_diff'], diff_fmt)}; " if difference else ""
     return f"{label} {fmt.format(row['mean_a'])} vs {fmt.format(row['mean_b'])} ({diff}{verdict(row, alpha, unit)})"
 
 
@@ -52,7 +59,8 @@ def decomposition_sentence(total: Mapping, mask: Mapping, rl: Mapping, label: st
         return f"p = {row['p']:.3f}" if _finite(row, "p") else "no test possible"
 
     d, m, r = float(total["mean_diff"]), float(mask["mean_diff"]), float(rl["mean_diff"])
-    f = diff_fmt.format
+    def f(x):
+        return signed(x, diff_fmt)
     head = (f"On {label}, {total['a']} vs {total['b']} differs by {f(d)} ({p(total)}): the mask alone "
             f"({mask['a']} vs {mask['b']}) accounts for {f(m)} ({p(mask)}) and learning on top of the mask "
             f"({rl['a']} vs {rl['b']}) for {f(r)} ({p(rl)})")

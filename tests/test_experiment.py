@@ -118,39 +118,33 @@ def test_normalisation_reaches_the_loaders(tmp_path, monkeypatch):
     assert seen and set(seen) == {(0.2, 0.3)}
 
 
-def _crash_after_training(monkeypatch):
-    """``fit`` trains and checkpoints, then the process dies before the unit is recorded."""
-    real = experiment.fit
+def _interrupted_unit(tmp_path, monkeypatch):
+    """A unit whose ``fit`` trained and checkpointed, then the process died before the unit was
+    recorded; returns the dataset, the recorder and the checkpoints left, with ``fit`` restored."""
+    ds, rec, real = dataset(), Recorder(tmp_path / "r"), experiment.fit
 
     def crash(*args, **kwargs):
         real(*args, **kwargs)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(experiment, "fit", crash)
-    return real
+    with pytest.raises(KeyboardInterrupt):
+        train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
+    monkeypatch.setattr(experiment, "fit", real)
+    return ds, rec, sorted((tmp_path / "cache").rglob("*.pt"))
 
 
 def test_a_checkpoint_resumes_an_interrupted_unit(tmp_path, monkeypatch):
-    ds, rec = dataset(), Recorder(tmp_path / "r")
-    real = _crash_after_training(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
-    ckpts = sorted((tmp_path / "cache").rglob("*.pt"))
+    ds, rec, ckpts = _interrupted_unit(tmp_path, monkeypatch)
     assert len(ckpts) == 1 and load_finished(ckpts[0]) and not rec.units()
     assert ckpts[0].parent == experiment.checkpoint_dir(rec.root)
-    monkeypatch.setattr(experiment, "fit", real)
     train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
     assert rec.load_unit(**rec.units()[0]["keys"])["resumed_from"] == CFG.epochs   # not trained again
     assert sorted((tmp_path / "cache").rglob("*.pt")) == ckpts   # kept: it restores a set-aside unit
 
 
 def test_a_checkpoint_left_by_other_code_is_not_resumed(tmp_path, monkeypatch):
-    ds, rec = dataset(), Recorder(tmp_path / "r")
-    real = _crash_after_training(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)
-    old = sorted((tmp_path / "cache").rglob("*.pt"))
-    monkeypatch.setattr(experiment, "fit", real)
+    ds, rec, old = _interrupted_unit(tmp_path, monkeypatch)
     monkeypatch.setattr(experiment, "unit_code_digest", lambda *a, **k: "edited code")
     m = train_and_test(rec, ds, "cnn", 0, CFG, batch_size=32, model_kwargs=KW)   # redone from scratch
     assert rec.load_unit(**rec.units()[0]["keys"])["resumed_from"] is None and m["epochs_run"] == CFG.epochs

@@ -436,6 +436,13 @@ def test_sentences_name_their_metric_and_judge_on_holm():
     assert "reward" not in text
 
 
+def test_a_difference_that_rounds_to_zero_is_never_written_minus_zero():
+    assert report.signed(-0.0002) == "+0.000" and report.signed(-0.0006) == "-0.001"
+    assert report.signed(-0.00004, "{:+.4f}") == "+0.0000" and report.signed(0.25, "{:+.1%}") == "+25.0%"
+    row = {**_row("rl", "random", "val_acc", -0.00001, 0.9, float("nan")), "mean_a": 0.5, "mean_b": 0.5}
+    assert "difference +0.0000;" in report.comparison_sentence(row, "x")
+
+
 def test_val_test_sentence():
     champ = pd.DataFrame({"val/acc": [0.95, 0.94], "test/acc": [0.75, 0.74]})
     note = nas.val_test_note(champ)

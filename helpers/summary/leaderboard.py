@@ -18,6 +18,7 @@ import pandas as pd
 
 from .. import config
 from ..metrics import format_mean_std
+from ..report import signed
 from ..stats import holm, paired_comparison
 from .chapters import CHAPTERS, FinalUnit, RunRef
 
@@ -167,11 +168,6 @@ def _key(*parts: str) -> str:
     return "-".join(str(p).replace(" ", "_").replace(",", "").replace("/", "_") for p in parts)
 
 
-def _signed(x: float) -> str:
-    """``+0.012``; a difference that rounds to zero reads ``+0.000``, never ``-0.000``."""
-    return f"{x + 0.0 if round(x, 3) != 0 else 0.0:+.3f}"
-
-
 def _pair_text(hit: pd.DataFrame) -> str:
     """One (method, control) pair over the settings (dataset, k, ...) of a run: the paired difference
     with Holm's p for one setting, else a tally of the settings where the method was higher or lower."""
@@ -181,12 +177,12 @@ def _pair_text(hit: pd.DataFrame) -> str:
     if len(hit) == 1:
         r = hit.iloc[0]
         p = f"Holm p {r['p_holm']:.2g}" if np.isfinite(r["p_holm"]) else "no test"
-        return f"{_signed(r['mean_diff'])} ({p}, {int(r['n_seeds'])} seeds)"
+        return f"{signed(r['mean_diff'])} ({p}, {int(r['n_seeds'])} seeds)"
     sig = hit["p_holm"] < 0.05
     up, down = hit["mean_diff"] > 0, hit["mean_diff"] < 0
     return (f"higher in {int(up.sum())} of {len(hit)} settings ({int((up & sig).sum())} significant after Holm), "
             f"lower in {int(down.sum())} ({int((down & sig).sum())} significant); mean difference "
-            f"{_signed(hit['mean_diff'].mean())}, {int(hit['n_seeds'].min())}+ seeds")
+            f"{signed(hit['mean_diff'].mean())}, {int(hit['n_seeds'].min())}+ seeds")
 
 
 def _pairs_glue(diffs: pd.DataFrame, pairs, metrics: Sequence[str], prefix: str, run_suffix: str = "") -> dict:
@@ -234,7 +230,10 @@ def full_runs_text(cover: pd.DataFrame) -> str:
     if cover.empty:
         return "none"
     full = cover[cover["run"] == cover["chapter"] + "_full"]
-    return ", ".join(f"{r.run} ({r.source}, {r.device if isinstance(r.device, str) and r.device else 'device not recorded'}, {r.seeds} seed{'s' * (r.seeds != 1)})"
+    def device(r):
+        return r.device if isinstance(r.device, str) and r.device else "device not recorded"
+
+    return ", ".join(f"{r.run} ({r.source}, {device(r)}, {r.seeds} seed{'s' * (r.seeds != 1)})"
                      for r in full.itertuples()) or "none"
 
 
